@@ -1,0 +1,264 @@
+"""Run a backbone over a dataset split and write per-layer CLS/AP tokens into a store.
+
+One forward pass per batch collects every tapped layer (hooks pool on the device). Batches never
+straddle a store chunk, so a chunk is complete when its last batch is done; a background thread
+writes it while the next batches run. A rerun resumes at the first chunk not durably written and,
+because batch boundaries are fixed relative to chunks, reproduces the uninterrupted arrays exactly.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .backbones import Backbone, load_backbone
+from .datasets import ImageSource, dataset_slug, open_source
+from .errors import AlfError
+from .stores import (FORMAT, FORMAT_VERSION, chunk_rows_for, default_out, open_sink, safe_component,
+                     store_lock, store_path)
+from .taps import TapCollector, resolve_taps
+
+log = logging.getLogger(__name__)
+FP16_MAX = 65504.0
+
+
+@dataclass
+class ExtractConfig:
+    model: str
+    dataset: str
+    splits: list[str] = field(default_factory=lambda: ["train", "test"])
+    out: Path | None = None
+    fmt: str = "zarr"
+    dtype: str = "float16"
+    taps: str = "alf"
+    batch_size: int = 128
+    workers: int = 2
+    device: str = "auto"
+    amp: bool = True
+    overwrite: bool = False
+    chunk_rows: int | None = None
+    skip_corrupt: bool = False
+    break_lock: bool = False
+    progress: bool = True
+
+
+@dataclass
+class SplitResult:
+    split: str
+    path: Path
+    status: str  # written | resumed | skipped
+    num_samples: int
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    loader_wait_s: float = 0.0
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Returns (image tensor, label, index, error). A bad image yields an error string, not an exception,
+    so the main process can report it in one line (exceptions from workers arrive wrapped)."""
+
+    def __init__(self, source: ImageSource, transform, input_size):
+        self.source, self.transform, self.input_size = source, transform, tuple(input_size)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        try:
+            x = self.transform(self.source.load(i))
+            err = ""
+        except AlfError as e:
+            x, err = torch.zeros(self.input_size), str(e)
+        return x, int(self.source.labels[i]), i, err
+
+
+class _ChunkBatches(torch.utils.data.Sampler):
+    """Batches of indices, never crossing a chunk boundary, for the given chunks only."""
+
+    def __init__(self, chunks: list[int], rows: int, n: int, batch_size: int):
+        self.batches = [list(range(s, min(s + batch_size, min(n, (k + 1) * rows))))
+                        for k in chunks for s in range(k * rows, min(n, (k + 1) * rows), batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AlfError("--device cuda was asked for but no CUDA device is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise AlfError(f"unknown device '{device}' (known: auto, cpu, cuda, cuda:N)")
+    return torch.device(device)
+
+
+def _library_versions() -> dict:
+    import h5py
+    import timm
+    import zarr
+
+    return {"alfcache": __version__, "torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__,
+            "h5py": h5py.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def build_metadata(bb: Backbone, source: ImageSource, plan, cfg: ExtractConfig, chunk_rows: int,
+                   autocast: str | None) -> dict:
+    desc = source.describe()
+    final_norm = bb.model.norm
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {"name": bb.name, "source_id": bb.source_id, "fingerprint": bb.fingerprint(),
+                  "pretrained_weights": not (Path(bb.source_id.removeprefix("local-dir:")) / "RANDOM_WEIGHTS.txt").exists(),
+                  "depth": bb.depth, "width": bb.width, "num_prefix_tokens": bb.num_prefix_tokens,
+                  "num_registers": bb.num_registers, "num_patches": bb.num_patches,
+                  "params": sum(p.numel() for p in bb.model.parameters())},
+        "preprocessing": bb.preprocessing(),
+        "taps": {"tap_set": plan.tap_set, "modules": plan.modules, "layer_names": plan.layer_names,
+                 "final_norm": f"norm ({type(final_norm).__name__})", "projection_applied": False,
+                 "hook": "forward hook output of each named module"},
+        "token_layout": {
+            "cls": "(N, L, D): token 0 of each tapped module's output",
+            "ap": f"(N, L, D): mean over tokens {bb.num_prefix_tokens}: (patch tokens; CLS and registers excluded)",
+            "layers": "L = len(taps.modules), in model order; last = final norm for tap sets alf/blocks",
+            "normalised": False,
+        },
+        "dtype": cfg.dtype,
+        "dataset": {"name": cfg.dataset, "fingerprint": desc["fingerprint"]},
+        "split": source.split,
+        "class_names": list(source.class_names),
+        "num_samples": len(source),
+        "num_layers": len(plan.modules),
+        "width": bb.width,
+        "chunk_rows": chunk_rows,
+        "extraction": {"batch_size": cfg.batch_size, "autocast": autocast, "device_type": None},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "library_versions": _library_versions(),
+        "complete": False,
+    }
+
+
+def _check_tokens(cls: torch.Tensor, ap: torch.Tensor, dtype: str, layer_names, ids) -> None:
+    for name, t in (("cls", cls), ("ap", ap)):
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            b, l, _ = (~finite).nonzero()[0].tolist()
+            raise AlfError(f"non-finite {name} token at layer {layer_names[l]} for sample {ids[b]}; nothing written")
+        if dtype == "float16":
+            big = t.abs().amax()
+            if float(big) > FP16_MAX:
+                l = int(t.abs().amax(dim=(0, 2)).argmax())
+                raise AlfError(f"{name} token at layer {layer_names[l]} reaches {float(big):.3g}, beyond float16; "
+                               f"rerun with --dtype float32")
+
+
+def extract(cfg: ExtractConfig) -> list[SplitResult]:
+    if cfg.dtype not in ("float16", "float32"):
+        raise AlfError(f"unknown dtype '{cfg.dtype}' (known: float16, float32)")
+    if cfg.batch_size < 1:
+        raise AlfError("--batch-size must be at least 1")
+    sources = [open_source(cfg.dataset, s) for s in cfg.splits]  # validate names before loading a model
+    device = resolve_device(cfg.device)
+    bb = load_backbone(cfg.model)
+    bb.model.to(device)
+    plan = resolve_taps(bb.model, cfg.taps)
+    transform = bb.transform()
+    autocast = None
+    if device.type == "cuda" and cfg.amp:
+        autocast = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    out = Path(cfg.out) if cfg.out else default_out()
+    model_slug = bb.name if not bb.source_id.startswith("local-dir:") else "local-" + Path(bb.source_id[10:]).name
+    results = []
+    for source in sources:
+        itemsize = 2 if cfg.dtype == "float16" else 4
+        rows = cfg.chunk_rows or chunk_rows_for(len(plan.modules), bb.width, itemsize)
+        meta = build_metadata(bb, source, plan, cfg, rows, autocast)
+        meta["extraction"]["device_type"] = device.type
+        path = store_path(out, dataset_slug(cfg.dataset), safe_component(model_slug), source.split, cfg.fmt)
+        try:
+            with store_lock(path, break_lock=cfg.break_lock):
+                results.append(_extract_split(bb, source, plan, transform, meta, path, cfg, device, autocast))
+        except PermissionError as e:
+            raise AlfError(f"cannot write to '{path.parent}': permission denied ({e.filename})") from None
+    return results
+
+
+def _extract_split(bb, source, plan, transform, meta, path, cfg, device, autocast) -> SplitResult:
+    sink = open_sink(path, meta, overwrite=cfg.overwrite)
+    if sink is None:
+        log.info("%s is complete; skipped (use --overwrite to redo)", path)
+        return SplitResult(source.split, path, "skipped", len(source))
+    pending = sink.pending()
+    status = "resumed" if len(pending) < sink.num_chunks else "written"
+    rows, n = sink.rows, sink.n
+    dataset = _ImageDataset(source, transform, bb.data_config["input_size"])
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=_ChunkBatches(pending, rows, n, cfg.batch_size), num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", persistent_workers=False)
+    np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    collector = TapCollector(bb.model, plan, bb.num_prefix_tokens)
+    todo = sum(min(n, (k + 1) * rows) - k * rows for k in pending)
+    bar = tqdm(total=todo, unit="img", desc=f"extract {source.split}", disable=not cfg.progress, smoothing=0.1)
+    buf: dict[int, dict] = {}
+    writes: list[Future] = []
+    t0 = time.perf_counter()
+    wait = 0.0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alf-writer") as writer, collector.attached(), \
+            torch.inference_mode():
+        t_wait = time.perf_counter()
+        for x, labels, idx, errs in loader:
+            wait += time.perf_counter() - t_wait
+            idx = idx.numpy()
+            ids = [source.sample_id(int(i)) for i in idx]
+            bad = [e for e in errs if e]
+            if bad and not cfg.skip_corrupt:
+                raise AlfError(bad[0] + " (pass --skip-corrupt to skip and record such images)")
+            x = x.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None):
+                bb.model.forward_features(x)
+            cls, ap = collector.collect()
+            labels = labels.numpy().copy()
+            skipped = [ids[j] for j, e in enumerate(errs) if e]
+            if skipped:
+                mask = torch.tensor([bool(e) for e in errs], device=cls.device)
+                cls[mask], ap[mask] = 0.0, 0.0
+                labels[[j for j, e in enumerate(errs) if e]] = -1
+            _check_tokens(cls, ap, cfg.dtype, plan.layer_names, ids)
+            k = int(idx[0]) // rows
+            c = buf.setdefault(k, {"cls": [], "ap": [], "labels": [], "ids": [], "skipped": [], "count": 0})
+            c["cls"].append(cls.cpu().numpy().astype(np_dtype))
+            c["ap"].append(ap.cpu().numpy().astype(np_dtype))
+            c["labels"].append(labels)
+            c["ids"] += ids
+            c["skipped"] += skipped
+            c["count"] += len(idx)
+            if c["count"] == min(n, (k + 1) * rows) - k * rows:
+                done = buf.pop(k)
+                writes = [f for f in writes if not f.done() or f.result()]
+                if len(writes) >= 2:  # bound memory: at most two chunks queued behind the model
+                    writes.pop(0).result()
+                writes.append(writer.submit(sink.write_chunk, k, np.concatenate(done["cls"]),
+                                            np.concatenate(done["ap"]), np.concatenate(done["labels"]),
+                                            done["ids"], done["skipped"]))
+            bar.update(len(idx))
+            t_wait = time.perf_counter()
+        for f in writes:
+            f.result()
+    bar.close()
+    if sink.pending():
+        raise AlfError(f"extraction of '{path}' ended with chunks missing: {sink.pending()[:5]}")
+    sink.finalize()
+    secs = time.perf_counter() - t0
+    return SplitResult(source.split, path, status, n, secs, todo / max(secs, 1e-9), wait)

@@ -1,0 +1,365 @@
+"""Chunked, self-describing token stores (Zarr default, HDF5 optional), written crash-safely.
+
+Logical layout (both formats):
+    cls        (N, L, D)  float16|float32  token 0 of each tapped layer
+    ap         (N, L, D)  float16|float32  mean of the patch tokens (prefix/register tokens excluded)
+    labels     (N,)       int64            class index into metadata class_names (-1 = skipped image)
+    sample_ids (N,)       str              source path / index of each row
+Metadata: zarr group attributes / HDF5 root attribute `alfcache` (JSON), see `build_metadata`.
+
+Crash safety: rows are written in chunk-aligned blocks. After a block is on disk its number and
+checksum go into a progress manifest, replaced atomically. A rerun redoes only blocks not in the
+manifest. Zarr is written in place (every zarr file write is atomic). HDF5 is never written
+half-way: blocks are staged as .npz files and the .h5 file is built and renamed into place at the
+end, so a crash cannot leave a half-valid HDF5 file.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AlfError
+
+FORMAT = "alfcache-store"
+FORMAT_VERSION = 1
+ENV_OUT = "ALF_FEATURES"
+PROGRESS = "alf_progress.json"
+# metadata keys that must agree for a rerun to continue (resume) an existing store
+IDENTITY_KEYS = ("model.source_id", "model.fingerprint", "preprocessing", "taps.modules", "dtype",
+                 "dataset.name", "dataset.fingerprint", "split", "num_samples", "chunk_rows", "format_version")
+
+
+def default_out() -> Path:
+    return Path(os.environ.get(ENV_OUT, "features"))
+
+
+def safe_component(name: str) -> str:
+    """A folder name from a user-supplied name: no separators, no '..', no leading dots."""
+    out = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
+    out = out.strip(".-")
+    return out or "unnamed"
+
+
+def store_path(out: str | Path, dataset_slug: str, model_slug: str, split: str, fmt: str = "zarr") -> Path:
+    if fmt not in ("zarr", "h5"):
+        raise AlfError(f"unknown store format '{fmt}' (known: zarr, h5)")
+    return Path(out) / safe_component(dataset_slug) / safe_component(model_slug) / f"{safe_component(split)}.{fmt}"
+
+
+def chunk_rows_for(num_layers: int, width: int, itemsize: int, target_bytes: int = 4 << 20) -> int:
+    """Rows per chunk so that one `cls` chunk is about `target_bytes` (several MB: kind to NFS)."""
+    rows = target_bytes // max(1, num_layers * width * itemsize)
+    return int(min(8192, max(64, rows)))
+
+
+def _get(meta: dict, dotted: str):
+    cur = meta
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def identity_mismatch(old: dict, new: dict) -> list[str]:
+    return [k for k in IDENTITY_KEYS if json.dumps(_get(old, k), sort_keys=True) != json.dumps(_get(new, k), sort_keys=True)]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def chunk_checksum(cls: np.ndarray, ap: np.ndarray, labels: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in (cls, ap, labels):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:32]
+
+
+def disk_full_error(path: Path, detail: str) -> AlfError:
+    return AlfError(f"disk full while writing '{path}' ({detail}); the store is valid up to the last "
+                    f"durable chunk - free space and rerun the same command to resume")
+
+
+# ----------------------------------------------------------------------------------------- lock
+@contextmanager
+def store_lock(path: Path, break_lock: bool = False):
+    """Exclusive writer lock beside the store (`<store>.lock`), naming its holder.
+
+    A lock left by a dead process on this host is stale: it is taken over with a warning.
+    """
+    import logging
+
+    log = logging.getLogger(__name__)
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(lock)
+            stale = holder.get("host") == me["host"] and not _pid_alive(holder.get("pid"))
+            if stale or break_lock:
+                log.warning("removing %s lock on %s held by pid %s on %s since %s",
+                            "stale" if stale else "forcibly", path, holder.get("pid"), holder.get("host"),
+                            holder.get("since"))
+                lock.unlink(missing_ok=True)
+                continue
+            raise AlfError(f"store '{path}' is being written by pid {holder.get('pid')} on {holder.get('host')} "
+                           f"since {holder.get('since')}; wait for it, or pass --break-lock if that process is gone")
+        except PermissionError:
+            raise AlfError(f"cannot write to '{lock.parent}': permission denied") from None
+        else:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _read_lock(lock: Path) -> dict:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return {"pid": None, "host": "?", "since": "?"}
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------- metadata
+def read_metadata(path: str | Path) -> dict:
+    """The metadata of a store of either format (plain zarr / h5py underneath)."""
+    path = Path(path)
+    if not path.exists():
+        raise AlfError(f"no store at '{path}'")
+    try:
+        if path.suffix == ".h5":
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                meta = json.loads(f.attrs["alfcache"])
+        else:
+            import zarr
+
+            meta = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception as e:
+        raise AlfError(f"'{path}' is not a readable alfcache store ({type(e).__name__})") from None
+    if meta.get("format") != FORMAT:
+        raise AlfError(f"'{path}' is not an alfcache store (no '{FORMAT}' metadata)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AlfError(f"store '{path}' has format version {meta.get('format_version')}; "
+                       f"this alfcache reads version {FORMAT_VERSION}")
+    return meta
+
+
+def find_stores(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.rglob("*.zarr") if (p / "zarr.json").is_file()]
+    found += [p for p in root.rglob("*.h5") if p.is_file()]
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------------------- sinks
+@dataclass
+class Progress:
+    done: dict[int, str]  # chunk index -> checksum
+    skipped: list[str]
+
+
+class _Sink:
+    """Shared manifest logic; subclasses put chunk data somewhere durable."""
+
+    progress_file: Path
+
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.meta = path, meta
+        self.n = meta["num_samples"]
+        self.rows = meta["chunk_rows"]
+        self.num_chunks = (self.n + self.rows - 1) // self.rows
+        self.progress = Progress({}, [])
+
+    def chunk_range(self, k: int) -> tuple[int, int]:
+        return k * self.rows, min(self.n, (k + 1) * self.rows)
+
+    def pending(self) -> list[int]:
+        return [k for k in range(self.num_chunks) if k not in self.progress.done]
+
+    def _load_progress(self) -> None:
+        if self.progress_file.is_file():
+            raw = json.loads(self.progress_file.read_text())
+            self.progress = Progress({int(k): v for k, v in raw["done"].items()}, raw.get("skipped", []))
+
+    def _save_progress(self) -> None:
+        _atomic_write_text(self.progress_file, json.dumps(
+            {"done": {str(k): v for k, v in sorted(self.progress.done.items())}, "skipped": self.progress.skipped}))
+
+    def write_chunk(self, k: int, cls: np.ndarray, ap: np.ndarray, labels: np.ndarray, ids: list[str],
+                    skipped: list[str]) -> None:
+        try:
+            self._put(k, cls, ap, labels, ids)
+            self.progress.done[k] = chunk_checksum(cls, ap, labels)
+            self.progress.skipped += skipped
+            self._save_progress()
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full_error(self.path, f"chunk {k}") from None
+            raise
+
+    def finalize_meta(self) -> dict:
+        meta = dict(self.meta)
+        meta["complete"] = True
+        meta["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        meta["skipped"] = sorted(self.progress.skipped)
+        meta["chunk_checksums"] = [self.progress.done[k] for k in range(self.num_chunks)]
+        return meta
+
+
+class ZarrSink(_Sink):
+    def __init__(self, path: Path, meta: dict, *, create: bool):
+        import zarr
+
+        super().__init__(path, meta)
+        self.progress_file = path / PROGRESS
+        n, L, D = meta["num_samples"], meta["num_layers"], meta["width"]
+        if create:
+            g = zarr.open_group(str(path), mode="w")
+            for name in ("cls", "ap"):
+                g.create_array(name, shape=(n, L, D), chunks=(self.rows, L, D), dtype=meta["dtype"], fill_value=0)
+            g.create_array("labels", shape=(n,), chunks=(self.rows,), dtype="int64", fill_value=-1)
+            g.create_array("sample_ids", shape=(n,), chunks=(self.rows,), dtype=str)
+            g.attrs.update(meta)
+            self._save_progress()
+        self.group = zarr.open_group(str(path), mode="r+")
+        self._load_progress()
+
+    def _put(self, k, cls, ap, labels, ids):
+        a, b = self.chunk_range(k)
+        self.group["cls"][a:b] = cls
+        self.group["ap"][a:b] = ap
+        self.group["labels"][a:b] = labels
+        self.group["sample_ids"][a:b] = np.asarray(ids, dtype=str)
+
+    def finalize(self) -> None:
+        self.group.attrs.update(self.finalize_meta())
+        self.progress_file.unlink(missing_ok=True)
+
+
+class H5Sink(_Sink):
+    """Stages chunks as .npz in `<store>.partial/`, then builds the .h5 and renames it into place."""
+
+    def __init__(self, path: Path, meta: dict, *, create: bool):
+        super().__init__(path, meta)
+        self.staging = path.with_name(path.name + ".partial")
+        self.progress_file = self.staging / PROGRESS
+        if create:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging.mkdir(parents=True)
+            _atomic_write_text(self.staging / "meta.json", json.dumps(meta))
+            self._save_progress()
+        self._load_progress()
+
+    def _put(self, k, cls, ap, labels, ids):
+        final = self.staging / f"chunk_{k:06d}.npz"
+        tmp = self.staging / f"chunk_{k:06d}.tmp.npz"
+        np.savez(tmp, cls=cls, ap=ap, labels=labels, sample_ids=np.asarray(ids, dtype=str))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+
+    def finalize(self) -> None:
+        import h5py
+
+        meta = self.finalize_meta()
+        n, L, D = meta["num_samples"], meta["num_layers"], meta["width"]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with h5py.File(tmp, "w") as f:
+                opts = dict(chunks=True, compression="lzf")
+                ds = {name: f.create_dataset(name, shape=(n, L, D), dtype=meta["dtype"],
+                                             **{**opts, "chunks": (min(self.rows, n), L, D)})
+                      for name in ("cls", "ap")}
+                ds["labels"] = f.create_dataset("labels", shape=(n,), dtype="int64")
+                ds["sample_ids"] = f.create_dataset("sample_ids", shape=(n,), dtype=h5py.string_dtype())
+                for k in range(self.num_chunks):
+                    a, b = self.chunk_range(k)
+                    with np.load(self.staging / f"chunk_{k:06d}.npz") as z:
+                        for name in ("cls", "ap", "labels"):
+                            ds[name][a:b] = z[name]
+                        ds["sample_ids"][a:b] = z["sample_ids"].astype(object)
+                f.attrs["alfcache"] = json.dumps(meta)
+                for key in ("format", "format_version", "dtype", "split", "num_samples", "num_layers", "width"):
+                    f.attrs[key] = meta[key]
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full_error(self.path, "building the final .h5") from None
+            raise
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def open_sink(path: Path, meta: dict, *, overwrite: bool) -> _Sink | None:
+    """Create, resume or (when complete and not overwriting) skip a store. None means skip."""
+    fmt = "h5" if path.suffix == ".h5" else "zarr"
+    cls = H5Sink if fmt == "h5" else ZarrSink
+    staged = path.with_name(path.name + ".partial") if fmt == "h5" else path
+    if overwrite:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        if fmt == "h5":
+            shutil.rmtree(staged, ignore_errors=True)
+        return cls(path, meta, create=True)
+    if path.exists():
+        old = read_metadata(path)
+        if old.get("complete"):
+            diff = identity_mismatch(old, meta)
+            if diff:
+                raise AlfError(f"store '{path}' holds a different extraction ({', '.join(diff)} differ); "
+                               f"use --overwrite to replace it or --out for another location")
+            return None
+        if fmt == "zarr" and not (path / PROGRESS).is_file():
+            raise AlfError(f"store '{path}' is incomplete and has no progress manifest; rerun with --overwrite")
+    if fmt == "h5" and (staged / "meta.json").is_file():
+        old = json.loads((staged / "meta.json").read_text())
+    elif fmt == "zarr" and path.exists():
+        old = read_metadata(path)
+    else:
+        return cls(path, meta, create=True)
+    diff = identity_mismatch(old, meta)
+    if diff:
+        raise AlfError(f"store '{path}' was started with a different extraction ({', '.join(diff)} differ); "
+                       f"use --overwrite to start again")
+    # resume with the original metadata (created_at and all) so the result equals an uninterrupted run
+    return cls(path, old, create=False)

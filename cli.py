@@ -1,0 +1,132 @@
+"""`alf`: thin command-line glue over alfcache (extraction) and probes (heads on stored tokens)."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from alfcache.errors import AlfError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Extract ViT layer tokens once into stores; probe them many times.")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code=2)
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) if rows else len(c) for c in cols}
+    line = "  ".join(c.ljust(widths[c]) for c in cols)
+    out = [line, "  ".join("-" * widths[c] for c in cols)]
+    out += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(out)
+
+
+@app.command()
+def models():
+    """List the model short names: source id, blocks, width, tokens per image, params."""
+    from alfcache.backbones import MODELS, describe
+
+    rows = [describe(name) for name in MODELS]
+    typer.echo(_table(rows, ["name", "source_id", "blocks", "width", "tokens", "params_m"]))
+    typer.echo("\nAlso: timm:<any timm id>, local-dir:<folder written by timm.models.save_for_hf>, or that folder's path.")
+
+
+@app.command()
+def datasets():
+    """List the dataset short names."""
+    from alfcache.datasets import DATASETS
+
+    rows = [{"name": e.name, "description": e.description} for e in DATASETS.values()]
+    rows.append({"name": "imagefolder:<path>", "description": "<path>/{train,test}/<class>/* or <path>/<class>/* (80/20 split)"})
+    typer.echo(_table(rows, ["name", "description"]))
+
+
+@app.command()
+def extract(
+    model: str = typer.Option(..., help="short name (alf models), timm:<id>, local-dir:<path> or a model folder"),
+    dataset: str = typer.Option(..., help="short name (alf datasets) or imagefolder:<path>"),
+    split: str = typer.Option("train,test", help="comma-separated splits"),
+    batch_size: int = typer.Option(128, help="images per forward pass"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    workers: int = typer.Option(2, help="DataLoader worker processes"),
+    format: str = typer.Option("zarr", "--format", help="zarr | h5"),
+    dtype: str = typer.Option("float16", help="float16 | float32 (stored precision)"),
+    taps: str = typer.Option("alf", help="alf | blocks | comma-separated module names"),
+    out: Optional[Path] = typer.Option(None, help="store root (default $ALF_FEATURES or ./features)"),
+    overwrite: bool = typer.Option(False, help="redo complete stores"),
+    amp: bool = typer.Option(True, help="autocast (bf16/fp16) on CUDA"),
+    chunk_rows: Optional[int] = typer.Option(None, help="rows per store chunk (default: ~4 MB chunks)"),
+    skip_corrupt: bool = typer.Option(False, help="skip unreadable images, recording them in metadata"),
+    break_lock: bool = typer.Option(False, help="take over a lock held by a process that is gone"),
+):
+    """Run a backbone over a dataset and write per-layer CLS/AP tokens, one store per split."""
+    from alfcache.extract import ExtractConfig, extract as run
+
+    cfg = ExtractConfig(model=model, dataset=dataset, splits=[s for s in split.split(",") if s], out=out,
+                        fmt=format, dtype=dtype, taps=taps, batch_size=batch_size, workers=workers, device=device,
+                        amp=amp, overwrite=overwrite, chunk_rows=chunk_rows, skip_corrupt=skip_corrupt,
+                        break_lock=break_lock)
+    for r in run(cfg):
+        rate = f", {r.images_per_s:.0f} img/s, loader wait {r.loader_wait_s:.1f}s" if r.status != "skipped" else ""
+        typer.echo(f"{r.split}: {r.status} {r.path} (N={r.num_samples}{rate})")
+
+
+@app.command("build-random-model")
+def build_random_model(
+    path: Path = typer.Argument(..., help="folder to write (timm save_for_hf layout)"),
+    arch: str = typer.Option("vit_tiny_patch16_224", help="timm architecture"),
+    img_size: int = 32, patch_size: int = 4, embed_dim: int = 64, depth: int = 6, num_heads: int = 4,
+    seed: int = 0,
+):
+    """Write a small timm ViT with RANDOM weights to a folder (offline pipeline exercise)."""
+    from alfcache.backbones import build_random_model as build
+
+    p = build(path, arch, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+              num_heads=num_heads, seed=seed)
+    typer.echo(f"wrote {p} (RANDOM weights: features only exercise the pipeline, they carry no pretraining)")
+
+
+@app.command()
+def ls(store_root: Optional[Path] = typer.Argument(None, help="store root (default $ALF_FEATURES or ./features)")):
+    """List stores: dataset, model, split, N, layers, width, size on disk, complete."""
+    from alfcache.stores import default_out, find_stores, read_metadata
+
+    root = store_root or default_out()
+    rows = []
+    for p in find_stores(root):
+        try:
+            m = read_metadata(p)
+        except AlfError as e:
+            rows.append({"path": str(p), "complete": f"unreadable: {e}"})
+            continue
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+        rows.append({"dataset": m["dataset"]["name"], "model": m["model"]["name"], "split": m["split"],
+                     "N": m["num_samples"], "layers": m["num_layers"], "width": m["width"], "dtype": m["dtype"],
+                     "size_mb": f"{size / 2**20:.1f}", "complete": "yes" if m.get("complete") else "NO",
+                     "path": str(p)})
+    if not rows:
+        typer.echo(f"no stores under {root}")
+        return
+    typer.echo(_table(rows, ["dataset", "model", "split", "N", "layers", "width", "dtype", "size_mb", "complete", "path"]))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        app()
+    except AlfError as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
