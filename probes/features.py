@@ -1,0 +1,212 @@
+"""FeatureSet: per-layer CLS/AP tokens + labels, from a store (memory-mapped) or from numpy arrays.
+
+Stores are read with plain zarr / h5py, trusting their metadata: probes never imports alfcache.
+Opening a store reads metadata and labels only; token rows are read on demand, chunk by chunk.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ProbeError
+from .selection import TokenSpec, resolve_layers
+
+SUPPORTED_VERSIONS = (1,)
+STORE_FORMAT = "alfcache-store"
+# metadata that must agree between the train and test stores of one probe
+MUST_MATCH = (("model.source_id", "model"), ("model.fingerprint", "weights fingerprint"),
+              ("taps.modules", "taps"), ("dtype", "dtype"), ("class_names", "class names"),
+              ("width", "width"), ("num_layers", "layers"), ("preprocessing", "preprocessing"),
+              ("dataset.name", "dataset"))
+
+
+def _get(meta: dict, dotted: str):
+    cur = meta
+    for part in dotted.split("."):
+        cur = cur.get(part) if isinstance(cur, dict) else None
+    return cur
+
+
+def store_metadata(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ProbeError(f"no store at '{path}'")
+    try:
+        if path.suffix == ".h5":
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                meta = json.loads(f.attrs["alfcache"])
+        else:
+            import zarr
+
+            meta = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception as e:
+        raise ProbeError(f"'{path}' is not a readable alfcache store ({type(e).__name__})") from None
+    if meta.get("format") != STORE_FORMAT:
+        raise ProbeError(f"'{path}' is not an alfcache store")
+    if meta.get("format_version") not in SUPPORTED_VERSIONS:
+        raise ProbeError(f"store '{path}' has format version {meta.get('format_version')}; "
+                         f"probes reads versions {SUPPORTED_VERSIONS}")
+    return meta
+
+
+@dataclass
+class FeatureSet:
+    cls: object  # (N, L, D) numpy array, zarr array or h5py dataset
+    ap: object
+    labels: np.ndarray  # (N,) int64; rows with label < 0 (skipped images) are excluded via `rows`
+    class_names: list[str]
+    layer_names: list[str]
+    patches: object | None = None  # (N, P, D) last-layer patch tokens, optional
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+    chunk_rows: int = 4096
+    _handle: object = None
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_arrays(klass, *, cls=None, ap=None, labels, class_names=None, layer_names=None, patches=None,
+                    meta=None) -> "FeatureSet":
+        """Build from (N, L, D) `cls` and/or `ap` arrays, (N,) labels and optional (N, P, D) patches."""
+        cls_tokens = cls
+        if cls_tokens is None and ap is None:
+            raise ProbeError("from_arrays needs cls and/or ap arrays of shape (N, L, D)")
+        ref = cls_tokens if cls_tokens is not None else ap
+        ref = np.asarray(ref)
+        if ref.ndim != 3:
+            raise ProbeError(f"token arrays must be (N, L, D), got {ref.shape}")
+        cls_tokens = np.asarray(cls_tokens) if cls_tokens is not None else np.zeros_like(ref)
+        ap = np.asarray(ap) if ap is not None else np.zeros_like(ref)
+        labels = np.asarray(labels, dtype=np.int64)
+        if cls_tokens.shape != ap.shape or len(labels) != ref.shape[0]:
+            raise ProbeError(f"shapes do not fit: cls {cls_tokens.shape}, ap {ap.shape}, labels {labels.shape}")
+        n_cls = int(labels.max()) + 1 if len(labels) else 0
+        class_names = list(class_names) if class_names is not None else [str(c) for c in range(n_cls)]
+        layer_names = list(layer_names) if layer_names is not None else [f"layer{i + 1}" for i in range(ref.shape[1])]
+        if patches is not None:
+            patches = np.asarray(patches)
+        meta = dict(meta or {})
+        meta.setdefault("num_layers", ref.shape[1])
+        meta.setdefault("width", ref.shape[2])
+        meta.setdefault("class_names", class_names)
+        return klass(cls_tokens, ap, labels, class_names, layer_names, patches, meta)
+
+    @classmethod
+    def open(klass, path: str | Path, *, in_memory: bool = False, allow_incomplete: bool = False) -> "FeatureSet":
+        """Open a store lazily (memory-mapped chunks); `in_memory=True` reads the token arrays into RAM."""
+        path = Path(path)
+        meta = store_metadata(path)
+        if not meta.get("complete") and not allow_incomplete:
+            raise ProbeError(f"store '{path}' is incomplete (extraction did not finish); rerun the extraction "
+                             f"to resume it, or pass allow_incomplete / --allow-incomplete")
+        if path.suffix == ".h5":
+            import h5py
+
+            handle = h5py.File(path, "r")
+            arrays = {k: handle[k] for k in handle.keys()}
+        else:
+            import zarr
+
+            handle = zarr.open_group(str(path), mode="r")
+            arrays = {k: handle[k] for k in ("cls", "ap", "labels", "patches") if k in handle}
+        labels = np.asarray(arrays["labels"][:], dtype=np.int64)
+        fs = klass(arrays["cls"], arrays["ap"], labels, list(meta["class_names"]), list(meta["taps"]["layer_names"]),
+                 arrays.get("patches"), meta, path, int(meta.get("chunk_rows", 4096)), handle)
+        if in_memory:
+            fs.cls, fs.ap = np.asarray(fs.cls[:]), np.asarray(fs.ap[:])
+            if fs.patches is not None:
+                fs.patches = np.asarray(fs.patches[:])
+        return fs
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def num_layers(self) -> int:
+        return int(self.cls.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.cls.shape[2])
+
+    @property
+    def num_patches(self) -> int:
+        return 0 if self.patches is None else int(self.patches.shape[1])
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Usable rows: images that were read (skipped ones carry label -1)."""
+        return np.flatnonzero(self.labels >= 0)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def token_names(self, spec: TokenSpec) -> list[str]:
+        return spec.token_names(self.layer_names, self.num_patches)
+
+    # ------------------------------------------------------------------ reading
+    def tokens(self, rows: np.ndarray, spec: TokenSpec) -> np.ndarray:
+        """(len(rows), T, D) float32 tokens for the given rows, in the spec's interleaved order.
+
+        Rows are read in sorted order as contiguous runs (chunk-friendly), then put back in the asked order.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        layers = resolve_layers(self.num_layers, spec.layers)
+        parts = {k: self._read(getattr(self, k), srt, layers) for k in spec.kind_list()}
+        n, D = len(rows), self.width
+        if spec.kinds == "cls+ap":
+            out = np.empty((n, 2 * len(layers), D), dtype=np.float32)
+            out[:, 0::2], out[:, 1::2] = parts["cls"], parts["ap"]
+        else:
+            out = parts[spec.kinds].astype(np.float32)
+        if spec.patches:
+            if self.patches is None:
+                raise ProbeError("this head needs last-layer patch tokens; extract with --patches")
+            out = np.concatenate([out, self._read(self.patches, srt, None).astype(np.float32)], axis=1)
+        if not np.isfinite(out).all():
+            bad = srt[np.unique(np.nonzero(~np.isfinite(out))[0])[:3]]
+            raise ProbeError(f"non-finite tokens in rows {bad.tolist()}" + (f" of '{self.path}'" if self.path else ""))
+        if spec.normalise:
+            out /= np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+        inv = np.empty_like(order)
+        inv[order] = np.arange(len(order))
+        return out[inv]
+
+    @staticmethod
+    def _read(arr, sorted_rows: np.ndarray, layers) -> np.ndarray:
+        if isinstance(arr, np.ndarray):
+            sel = arr[sorted_rows]
+            return sel[:, layers] if layers is not None else sel
+        # contiguous runs -> slice reads (one chunk touched per run piece)
+        out = []
+        if len(sorted_rows) == 0:
+            return np.zeros((0, len(layers) if layers is not None else arr.shape[1], arr.shape[2]), np.float32)
+        breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+        for run in np.split(sorted_rows, breaks):
+            block = np.asarray(arr[int(run[0]):int(run[-1]) + 1])
+            out.append(block[:, layers] if layers is not None else block)
+        return np.concatenate(out)
+
+    def close(self) -> None:
+        if self._handle is not None and hasattr(self._handle, "close"):
+            self._handle.close()
+
+
+def check_compatible(train: FeatureSet, test: FeatureSet) -> None:
+    """Refuse train/test feature sets that do not fit together, naming the mismatch."""
+    bad = []
+    for key, what in MUST_MATCH:
+        a, b = _get(train.meta, key), _get(test.meta, key)
+        if a is None and b is None:
+            continue
+        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+            bad.append(what)
+    if (train.num_layers, train.width) != (test.num_layers, test.width) and "layers" not in bad:
+        bad.append("token shape")
+    if bad:
+        where = f" ('{train.path}' vs '{test.path}')" if train.path else ""
+        raise ProbeError(f"train and test features do not fit together: {', '.join(bad)} differ{where}")

@@ -1,0 +1,194 @@
+"""Probe heads, batched over a grid: every parameter has a leading axis G (one slice per configuration).
+
+A head is a pool followed by the shared classifier `BatchNorm1d -> Linear`:
+- `LinearHead`: no pool; the selected tokens are concatenated (linear, linear-clsap, concat).
+- `AttentionPoolHead`: the paper's attention pool (ALF, attentive): one learned query (init N(0, .02)),
+  separate LayerNorms on query/key/value inputs, bias-free q/k/v maps, per-head dim 2 * (D // heads),
+  softmax(q k^T / sqrt(head_dim)), attention and projection dropout, output projection; no residual,
+  no MLP. `forward` uses the exact single-query factorisation (reference section 8); `forward_direct`
+  computes keys and values for every token, for checking.
+
+All G slices start from the same initialisation (drawn once from the seed), so a configuration trained
+inside a grid equals the same configuration trained alone.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _replicate(t: torch.Tensor, G: int) -> nn.Parameter:
+    return nn.Parameter(t.unsqueeze(0).repeat(G, *([1] * t.dim())).contiguous())
+
+
+def _linear_init(fan_in: int, fan_out: int, bias: bool = True):
+    """torch.nn.Linear's default initialisation, as (in, out) weight and (out,) bias."""
+    lin = nn.Linear(fan_in, fan_out, bias=bias)
+    return lin.weight.detach().t().contiguous(), (lin.bias.detach().clone() if bias else None)
+
+
+class BatchedBatchNorm(nn.Module):
+    """BatchNorm1d (affine, momentum 0.1) applied independently per configuration: x (G, B, F)."""
+
+    def __init__(self, G: int, features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(G, features))
+        self.bias = nn.Parameter(torch.zeros(G, features))
+        self.register_buffer("running_mean", torch.zeros(G, features))
+        self.register_buffer("running_var", torch.ones(G, features))
+
+    def forward(self, x: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
+        if self.training:
+            mean = x.mean(dim=1)
+            var = x.var(dim=1, unbiased=False)
+            n = x.shape[1]
+            with torch.no_grad():
+                m = self.momentum
+                self.running_mean[sl] = (1 - m) * self.running_mean[sl] + m * mean
+                self.running_var[sl] = (1 - m) * self.running_var[sl] + m * var * (n / max(n - 1, 1))
+        else:
+            mean, var = self.running_mean[sl], self.running_var[sl]
+        xn = (x - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps)
+        return xn * self.weight[sl].unsqueeze(1) + self.bias[sl].unsqueeze(1)
+
+
+class Classifier(nn.Module):
+    """BatchNorm1d -> Linear, batched over G."""
+
+    def __init__(self, G: int, features: int, num_classes: int):
+        super().__init__()
+        self.bn = BatchedBatchNorm(G, features)
+        w, b = _linear_init(features, num_classes)
+        self.weight, self.bias = _replicate(w, G), _replicate(b, G)
+
+    def forward(self, x: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
+        x = self.bn(x, sl)
+        return torch.baddbmm(self.bias[sl].unsqueeze(1), x, self.weight[sl])
+
+
+class LinearHead(nn.Module):
+    """Concatenate the T selected tokens (T*D features) -> BatchNorm1d -> Linear."""
+
+    kind = "linear"
+
+    def __init__(self, G: int, num_tokens: int, width: int, num_classes: int, dropout: torch.Tensor | None = None):
+        super().__init__()
+        self.G, self.num_tokens, self.width, self.num_classes = G, num_tokens, width, num_classes
+        self.classifier = Classifier(G, num_tokens * width, num_classes)
+
+    def forward(self, x: torch.Tensor, sl: slice = slice(None), drop_u=None) -> torch.Tensor:
+        """x (B, T, D) shared by all configurations -> logits (G', B, C)."""
+        g = len(range(self.G)[sl])
+        flat = x.reshape(1, x.shape[0], -1).expand(g, -1, -1)
+        return self.classifier(flat, sl)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "num_tokens": self.num_tokens, "width": self.width, "num_classes": self.num_classes}
+
+
+class AttentionPoolHead(nn.Module):
+    """The paper's single-query attention pool + classifier, batched over G configurations."""
+
+    kind = "attention"
+
+    def __init__(self, G: int, num_tokens: int, width: int, num_classes: int, num_heads: int,
+                 dropout: torch.Tensor | None = None, eps: float = 1e-6):
+        super().__init__()
+        D, H = width, num_heads
+        hd = 2 * (D // H)
+        if hd < 1:
+            raise ValueError(f"width {D} too small for {H} heads")
+        self.G, self.num_tokens, self.width, self.num_classes = G, num_tokens, D, num_classes
+        self.num_heads, self.head_dim, self.inner, self.eps = H, hd, H * hd, eps
+        self.register_buffer("dropout", torch.zeros(G) if dropout is None else dropout.float().clone())
+        self.query = _replicate(torch.randn(D) * 0.02, G)
+        for name in ("q", "k", "v"):
+            setattr(self, f"ln_{name}_weight", nn.Parameter(torch.ones(G, D)))
+            setattr(self, f"ln_{name}_bias", nn.Parameter(torch.zeros(G, D)))
+        self.w_q = _replicate(_linear_init(D, H * hd, bias=False)[0], G)  # (G, D, H*hd)
+        self.w_k = _replicate(_linear_init(D, H * hd, bias=False)[0], G)
+        self.w_v = _replicate(_linear_init(D, H * hd, bias=False)[0], G)
+        w, b = _linear_init(H * hd, D)
+        self.proj_weight, self.proj_bias = _replicate(w, G), _replicate(b, G)
+        self.classifier = Classifier(G, D, num_classes)
+        self._last_attention: torch.Tensor | None = None
+
+    # -- pieces shared by both orders of computation
+    def _queries(self, sl: slice) -> torch.Tensor:
+        q_in = F.layer_norm(self.query[sl], (self.width,), eps=self.eps) * self.ln_q_weight[sl] + self.ln_q_bias[sl]
+        q = torch.einsum("gd,gde->ge", q_in, self.w_q[sl])
+        return q.view(q.shape[0], self.num_heads, self.head_dim)  # (G, H, hd)
+
+    def _drop_attention(self, a: torch.Tensor, sl: slice, drop_u: torch.Tensor | None) -> torch.Tensor:
+        if not self.training or drop_u is None:
+            return a
+        p = self.dropout[sl].view(-1, 1, 1, 1)
+        keep = (drop_u.unsqueeze(0) >= p).to(a.dtype)
+        return a * keep / (1 - p)
+
+    def _output(self, v: torch.Tensor, sl: slice, drop_o: torch.Tensor | None) -> torch.Tensor:
+        g, B = v.shape[:2]
+        out = torch.baddbmm(self.proj_bias[sl].unsqueeze(1), v.reshape(g, B, self.inner), self.proj_weight[sl])
+        if self.training and drop_o is not None:
+            p = self.dropout[sl].view(-1, 1, 1)
+            out = out * (drop_o.unsqueeze(0) >= p).to(out.dtype) / (1 - p)
+        return self.classifier(out, sl)
+
+    def forward(self, x: torch.Tensor, sl: slice = slice(None), drop_u=None) -> torch.Tensor:
+        """Factored single-query attention: never forms per-token keys or values. x (B, T, D)."""
+        drop_a, drop_o = drop_u if drop_u is not None else (None, None)
+        xhat = F.layer_norm(x, (self.width,), eps=self.eps)  # shared by every configuration
+        q = self._queries(sl)
+        g = q.shape[0]
+        wk = self.w_k[sl].view(g, self.width, self.num_heads, self.head_dim)
+        u = torch.einsum("gdhe,ghe->ghd", wk, q) * self.ln_k_weight[sl].unsqueeze(1) / math.sqrt(self.head_dim)
+        logits = torch.einsum("btd,ghd->gbht", xhat, u)  # + per-head constant, which softmax cancels
+        a = logits.softmax(dim=-1)
+        self._last_attention = a.detach()
+        a = self._drop_attention(a, sl, drop_a)
+        pooled = torch.einsum("gbht,btd->gbhd", a, xhat)
+        v_in = pooled * self.ln_v_weight[sl].view(g, 1, 1, -1) + \
+            a.sum(-1, keepdim=True) * self.ln_v_bias[sl].view(g, 1, 1, -1)
+        wv = self.w_v[sl].view(g, self.width, self.num_heads, self.head_dim)
+        v = torch.einsum("gbhd,gdhe->gbhe", v_in, wv)
+        return self._output(v, sl, drop_o)
+
+    def forward_direct(self, x: torch.Tensor, sl: slice = slice(None), drop_u=None) -> torch.Tensor:
+        """Textbook order: LayerNorm and project every token to keys and values, then attend."""
+        drop_a, drop_o = drop_u if drop_u is not None else (None, None)
+        q = self._queries(sl)
+        g, (B, T, _) = q.shape[0], x.shape
+        xhat = F.layer_norm(x, (self.width,), eps=self.eps)
+        k_in = xhat.unsqueeze(0) * self.ln_k_weight[sl].view(g, 1, 1, -1) + self.ln_k_bias[sl].view(g, 1, 1, -1)
+        v_in = xhat.unsqueeze(0) * self.ln_v_weight[sl].view(g, 1, 1, -1) + self.ln_v_bias[sl].view(g, 1, 1, -1)
+        k = torch.einsum("gbtd,gde->gbte", k_in, self.w_k[sl]).view(g, B, T, self.num_heads, self.head_dim)
+        v = torch.einsum("gbtd,gde->gbte", v_in, self.w_v[sl]).view(g, B, T, self.num_heads, self.head_dim)
+        logits = torch.einsum("gbthe,ghe->gbht", k, q) / math.sqrt(self.head_dim)
+        a = logits.softmax(dim=-1)
+        self._last_attention = a.detach()
+        a = self._drop_attention(a, sl, drop_a)
+        out = torch.einsum("gbht,gbthe->gbhe", a, v)
+        return self._output(out, sl, drop_o)
+
+    def last_attention(self) -> torch.Tensor:
+        """(G, B, H, T) attention weights of the last forward pass."""
+        return self._last_attention
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "num_tokens": self.num_tokens, "width": self.width,
+                "num_classes": self.num_classes, "num_heads": self.num_heads, "head_dim": self.head_dim}
+
+
+def count_parameters(head: nn.Module, per_config: bool = True) -> int:
+    n = sum(p.numel() for p in head.parameters())
+    return n // head.G if per_config else n
+
+
+def pool_parameters_formula(width: int, num_heads: int) -> int:
+    """Parameters of the attention pool alone (no classifier), from the spec's formula."""
+    D, inner = width, num_heads * 2 * (width // num_heads)
+    return D + 3 * 2 * D + 3 * D * inner + inner * D + D  # query, 3 LNs, W_q/W_k/W_v, out proj + bias

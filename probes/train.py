@@ -1,0 +1,381 @@
+"""The paper's probe protocol, with every configuration of a grid trained in one pass.
+
+Protocol (ALF reference section 3): AdamW, cosine to 1e-6 without warm-up, gradient clip 5,
+class-weighted cross-entropy, Gaussian feature noise (std .05, p .5 per sample), batch 2048,
+40 epochs and at least 1000 steps; grid lr {1e-1,1e-2,1e-3} x wd logspace(-6,0,7) (x dropout
+{0,.1,.3} for attentive heads); 20% stratified validation split, selection by balanced accuracy,
+retrain of the winner on all training data.
+
+One pass: all configurations live in one batched module (leading axis G) and see the same batches,
+the same feature noise and the same dropout draws; each has its own lr / weight decay / dropout and
+its own gradient clipping, so each equals the same configuration trained alone.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import train_test_split
+from sklearn.utils.class_weight import compute_class_weight
+from tqdm.auto import tqdm
+
+from .errors import ProbeError, unknown_name
+from .features import FeatureSet
+from .heads import AttentionPoolHead, LinearHead, count_parameters
+from .optim import BatchedAdamW, cosine_lr
+from .selection import TokenSpec
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------- heads
+@dataclass(frozen=True)
+class HeadSpec:
+    name: str
+    kind: str  # linear | attention
+    tokens: TokenSpec
+    num_heads: int | None = None  # attention heads; None = one per token (ALF)
+
+
+def _alf(name, layers):
+    return HeadSpec(name, "attention", TokenSpec(layers, "cls+ap"))
+
+
+HEADS: dict[str, HeadSpec] = {
+    "linear": HeadSpec("linear", "linear", TokenSpec("last", "cls")),
+    "linear-clsap": HeadSpec("linear-clsap", "linear", TokenSpec("last", "cls+ap")),
+    "concat": HeadSpec("concat", "linear", TokenSpec("all", "cls+ap")),
+    "concat:middle+last": HeadSpec("concat:middle+last", "linear", TokenSpec("middle+last", "cls+ap")),
+    "concat:quarterly": HeadSpec("concat:quarterly", "linear", TokenSpec("quarterly", "cls+ap")),
+    "attentive": HeadSpec("attentive", "attention", TokenSpec("last", "cls", patches=True), num_heads=8),
+    "alf": _alf("alf", "all"),
+    "alf:last": _alf("alf:last", "last"),
+    "alf:middle+last": _alf("alf:middle+last", "middle+last"),
+    "alf:quarterly": _alf("alf:quarterly", "quarterly"),
+    "alf-patches": HeadSpec("alf-patches", "attention", TokenSpec("all", "cls+ap", patches=True)),
+}
+
+
+def head_spec(name: str) -> HeadSpec:
+    if name in HEADS:
+        return HEADS[name]
+    raise unknown_name("head", name, HEADS)
+
+
+def supported_heads(fs: FeatureSet) -> list[str]:
+    return [n for n, h in HEADS.items() if not h.tokens.patches or fs.patches is not None]
+
+
+def build_head(spec: HeadSpec, G: int, num_tokens: int, width: int, num_classes: int,
+               dropout: torch.Tensor | None, seed: int):
+    torch.manual_seed(seed)
+    if spec.kind == "linear":
+        return LinearHead(G, num_tokens, width, num_classes)
+    return AttentionPoolHead(G, num_tokens, width, num_classes, spec.num_heads or num_tokens, dropout)
+
+
+# ------------------------------------------------------------------------------------------- grids
+@dataclass(frozen=True)
+class Grid:
+    lr: tuple = (1e-1, 1e-2, 1e-3)
+    wd: tuple = tuple(float(w) for w in np.logspace(-6, 0, 7))
+    dropout: tuple = (0.0, 0.1, 0.3)
+    epochs: int = 40
+    min_steps: int = 1000
+    batch_size: int = 2048
+    noise_std: float = 0.05
+    noise_p: float = 0.5
+    min_lr: float = 1e-6
+    clip: float = 5.0
+    val_fraction: float = 0.2
+
+    def configs(self, kind: str) -> list[dict]:
+        drops = self.dropout if kind == "attention" else (0.0,)
+        return [{"lr": float(lr), "wd": float(wd), "dropout": float(d)}
+                for lr, wd, d in itertools.product(self.lr, self.wd, drops)]
+
+
+GRIDS = {
+    "paper": Grid(),
+    "quick": Grid(lr=(1e-2, 1e-3), wd=(1e-4, 1e-2), dropout=(0.0, 0.1), epochs=20, min_steps=300, batch_size=256),
+}
+
+
+def resolve_grid(grid) -> Grid:
+    if isinstance(grid, Grid):
+        return grid
+    if isinstance(grid, str):
+        if grid not in GRIDS:
+            raise unknown_name("grid", grid, GRIDS)
+        return GRIDS[grid]
+    if isinstance(grid, dict):
+        base = GRIDS[grid.get("base", "paper")]
+        kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in grid.items() if k != "base"}
+        return replace(base, **kw)
+    raise ProbeError(f"grid must be 'paper', 'quick', a dict or a Grid, not {type(grid).__name__}")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ------------------------------------------------------------------------------------------- data
+class BatchStream:
+    """Endless shuffled batches of (tokens, labels) over `rows` of a FeatureSet.
+
+    In memory: tokens are read once. Otherwise (store larger than the RAM budget) each epoch visits
+    chunk-sized blocks in random order and shuffles rows inside windows of blocks, so every block is
+    read once per epoch with contiguous reads. The order depends on the seed only.
+    """
+
+    def __init__(self, fs: FeatureSet, rows: np.ndarray, spec: TokenSpec, batch_size: int, seed: int,
+                 in_memory: bool | None = None, ram_budget: int = 4 << 30):
+        self.fs, self.rows, self.spec, self.B = fs, np.sort(rows), spec, batch_size
+        self.rng = np.random.default_rng(seed)
+        T = len(fs.token_names(spec))
+        need = len(rows) * T * fs.width * 4
+        self.in_memory = need <= ram_budget if in_memory is None else in_memory
+        self.labels = fs.labels
+        if self.in_memory:
+            self.tokens = fs.tokens(self.rows, spec)
+
+    def __iter__(self):
+        while True:
+            yield from self._epoch()
+
+    def _epoch(self):
+        if self.in_memory:
+            perm = self.rng.permutation(len(self.rows))
+            for s in range(0, len(perm), self.B):
+                pos = perm[s:s + self.B]
+                if len(pos) >= 2:
+                    yield self.tokens[pos], self.labels[self.rows[pos]]
+            return
+        blocks = np.split(self.rows, np.flatnonzero(np.diff(self.rows // self.fs.chunk_rows)) + 1)
+        order = self.rng.permutation(len(blocks))
+        per_window = max(1, math.ceil(4 * self.B / max(1, self.fs.chunk_rows)))
+        carry_x, carry_y = None, None
+        for w in range(0, len(order), per_window):
+            rows = np.concatenate([blocks[i] for i in order[w:w + per_window]])
+            x, y = self.fs.tokens(rows, self.spec), self.labels[rows]
+            perm = self.rng.permutation(len(rows))
+            x, y = x[perm], y[perm]
+            if carry_x is not None:
+                x, y = np.concatenate([carry_x, x]), np.concatenate([carry_y, y])
+            full = len(x) // self.B * self.B
+            for s in range(0, full, self.B):
+                yield x[s:s + self.B], y[s:s + self.B]
+            carry_x, carry_y = x[full:], y[full:]
+        if carry_x is not None and len(carry_x) >= 2:
+            yield carry_x, carry_y
+
+
+def _class_weights(y: np.ndarray, num_classes: int) -> torch.Tensor:
+    present = np.unique(y)
+    w = np.zeros(num_classes, dtype=np.float32)
+    w[present] = compute_class_weight("balanced", classes=present, y=y)
+    return torch.from_numpy(w)
+
+
+def _group_size(spec: HeadSpec, G: int, B: int, T: int, D: int, budget: int = 1 << 30) -> int:
+    """Configurations per forward/backward so the batched activations stay within `budget` bytes."""
+    H = spec.num_heads or T
+    per = B * (H * T + H * D) * 4 * 4 if spec.kind == "attention" else B * T * D * 4 * 2
+    return max(1, min(G, budget // max(per, 1)))
+
+
+def train_configs(fs: FeatureSet, rows: np.ndarray, spec: HeadSpec, configs: list[dict], grid: Grid, *,
+                  seed: int, device: torch.device, progress: bool = True, desc: str = "",
+                  in_memory: bool | None = None, group_size: int | None = None):
+    """Train len(configs) heads in one pass over the same batches. Returns (module, steps)."""
+    C = len(fs.class_names)
+    names = fs.token_names(spec.tokens)
+    T, D = len(names), fs.width
+    G = len(configs)
+    y_all = fs.labels[rows]
+    if len(np.unique(y_all)) < 2:
+        raise ProbeError("training data holds fewer than 2 classes")
+    dropout = torch.tensor([c["dropout"] for c in configs])
+    module = build_head(spec, G, T, D, C, dropout, seed).to(device)
+    module.train()
+    lr = torch.tensor([c["lr"] for c in configs], device=device)
+    wd = torch.tensor([c["wd"] for c in configs], device=device)
+    opt = BatchedAdamW(module.parameters(), lr, wd)
+    weights = _class_weights(y_all, C).to(device)
+    steps = max(grid.epochs * math.ceil(len(rows) / grid.batch_size), grid.min_steps)
+    stream = iter(BatchStream(fs, rows, spec.tokens, grid.batch_size, seed, in_memory=in_memory))
+    gen = torch.Generator().manual_seed(seed + 1)
+    gs = group_size or _group_size(spec, G, grid.batch_size, T, D)
+    groups = [slice(s, min(G, s + gs)) for s in range(0, G, gs)]
+    H = getattr(module, "num_heads", 1)
+    for step in tqdm(range(steps), desc=desc or f"train {spec.name} x{G}", disable=not progress, leave=False):
+        xb, yb = next(stream)
+        x = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32))
+        B = x.shape[0]
+        apply = (torch.rand(B, 1, 1, generator=gen) < grid.noise_p).float()
+        x = x + apply * torch.randn(x.shape, generator=gen) * grid.noise_std
+        drop_u = (torch.rand(B, H, T, generator=gen).to(device), torch.rand(B, D, generator=gen).to(device))
+        x, y = x.to(device), torch.from_numpy(yb).to(device)
+        opt.zero_grad()
+        for sl in groups:
+            logits = module(x, sl, drop_u)  # (g, B, C)
+            g = logits.shape[0]
+            ce = F.cross_entropy(logits.reshape(g * B, C), y.repeat(g), reduction="none").view(g, B)
+            w = weights[y]
+            loss = ((ce * w).sum(1) / w.sum()).sum()  # = sum over configs of weighted-mean CE
+            loss.backward()
+        opt.clip_grad_norm(grid.clip)
+        opt.step(cosine_lr(lr, step, steps, grid.min_lr))
+    module.eval()
+    return module, steps
+
+
+@torch.no_grad()
+def predict_logits(module, fs: FeatureSet, rows: np.ndarray, spec: HeadSpec, device: torch.device,
+                   batch_size: int = 1024, want_attention: bool = False):
+    """(G, N, C) logits for rows (in the given order); optionally (G, N, H, T) attention weights."""
+    module.eval()
+    outs, atts = [], []
+    for s in range(0, len(rows), batch_size):
+        x = torch.from_numpy(fs.tokens(rows[s:s + batch_size], spec.tokens)).to(device)
+        outs.append(module(x).float().cpu())
+        if want_attention and hasattr(module, "last_attention"):
+            atts.append(module.last_attention().float().cpu().transpose(0, 1))
+    logits = torch.cat(outs, dim=1).numpy()
+    att = torch.cat(atts, dim=0).transpose(0, 1).numpy() if atts else None
+    return logits, att
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Balanced top-1 accuracy in percent (scikit-learn's definition)."""
+    return 100.0 * float(balanced_accuracy_score(y_true, y_pred))
+
+
+# ------------------------------------------------------------------------------------------- fit
+@dataclass
+class FittedProbe:
+    spec: HeadSpec
+    module: torch.nn.Module
+    chosen: dict
+    class_names: list[str]
+    token_names: list[str]
+    record: dict = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def num_parameters(self) -> int:
+        return count_parameters(self.module)
+
+    def logits(self, fs: FeatureSet) -> np.ndarray:
+        return predict_logits(self.module, fs, fs.rows, self.spec, self.device)[0][0]
+
+    def predict(self, fs: FeatureSet) -> np.ndarray:
+        return self.logits(fs).argmax(-1)
+
+    def balanced_accuracy(self, fs: FeatureSet) -> float:
+        self._check_classes(fs)
+        return balanced_accuracy(fs.labels[fs.rows], self.predict(fs))
+
+    def top1(self, fs: FeatureSet) -> float:
+        return 100.0 * float((self.predict(fs) == fs.labels[fs.rows]).mean())
+
+    def attention(self, fs: FeatureSet) -> np.ndarray:
+        """(N, H, T) attention weights over the head's tokens (attention heads only)."""
+        if self.spec.kind != "attention":
+            raise ProbeError(f"head '{self.spec.name}' has no attention weights")
+        return predict_logits(self.module, fs, fs.rows, self.spec, self.device, want_attention=True)[1][0]
+
+    def _check_classes(self, fs: FeatureSet) -> None:
+        if list(fs.class_names) != list(self.class_names):
+            raise ProbeError("the feature set's class names differ from those the probe was trained on")
+
+    def save(self, path: str | Path) -> Path:
+        """`<path>.safetensors` (weights) + `<path>.json` (every hyper-parameter and the record)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        save_file(state, str(path.with_suffix(".safetensors")))
+        cfg = {"head": asdict(self.spec), "module": self.module.config(), "chosen": self.chosen,
+               "class_names": self.class_names, "token_names": self.token_names, "record": self.record}
+        path.with_suffix(".json").write_text(json.dumps(cfg, indent=2, default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "FittedProbe":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg = json.loads(path.with_suffix(".json").read_text())
+        h = cfg["head"]
+        spec = HeadSpec(h["name"], h["kind"], TokenSpec(**{**h["tokens"], "layers": _tup(h["tokens"]["layers"])}),
+                        h["num_heads"])
+        m = cfg["module"]
+        module = build_head(spec, 1, m["num_tokens"], m["width"], m["num_classes"],
+                            torch.tensor([cfg["chosen"]["dropout"]]), 0)
+        module.load_state_dict(load_file(str(path.with_suffix(".safetensors"))))
+        module.to(device).eval()
+        return cls(spec, module, cfg["chosen"], cfg["class_names"], cfg["token_names"], cfg["record"],
+                   torch.device(device))
+
+
+def _tup(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _val_split(y: np.ndarray, fraction: float, seed: int):
+    idx = np.arange(len(y))
+    _, counts = np.unique(y, return_counts=True)
+    strat = y if counts.min() >= 2 else None
+    return train_test_split(idx, test_size=fraction, stratify=strat, random_state=seed)
+
+
+def fit(train: FeatureSet, head: str = "alf", grid="paper", seed: int = 0, device=None, *,
+        progress: bool = True, in_memory: bool | None = None) -> FittedProbe:
+    """Select a configuration on a stratified validation split, retrain it on all of `train`."""
+    spec = head_spec(head)
+    if spec.tokens.patches and train.patches is None:
+        raise ProbeError(f"head '{head}' needs last-layer patch tokens in the store (extract with --patches)")
+    g = resolve_grid(grid)
+    dev = resolve_device(device)
+    configs = g.configs(spec.kind)
+    rows = train.rows
+    if len(rows) < 4:
+        raise ProbeError(f"too few training samples ({len(rows)})")
+    tr, va = _val_split(train.labels[rows], g.val_fraction, seed)
+    t0 = time.perf_counter()
+    grid_module, steps = train_configs(train, rows[tr], spec, configs, g, seed=seed, device=dev,
+                                       progress=progress, desc=f"{head}: grid of {len(configs)}",
+                                       in_memory=in_memory)
+    grid_secs = time.perf_counter() - t0
+    val_logits, _ = predict_logits(grid_module, train, rows[va], spec, dev)
+    y_val = train.labels[rows[va]]
+    scores = [balanced_accuracy(y_val, val_logits[i].argmax(-1)) for i in range(len(configs))]
+    best = int(np.argmax(scores))
+    chosen = configs[best]
+    t1 = time.perf_counter()
+    final, final_steps = train_configs(train, rows, spec, [chosen], g, seed=seed, device=dev, progress=progress,
+                                       desc=f"{head}: retrain best", in_memory=in_memory)
+    retrain_secs = time.perf_counter() - t1
+    record = {
+        "head": head, "grid": asdict(g), "seed": seed, "device": str(dev),
+        "chosen": chosen, "val_balanced_accuracy": scores[best],
+        "grid_results": [{**c, "val_balanced_accuracy": s} for c, s in zip(configs, scores)],
+        "n_train": int(len(tr)), "n_val": int(len(va)), "n_train_all": int(len(rows)),
+        "steps_grid": steps, "steps_final": final_steps, "batch_size": g.batch_size,
+        "train_seconds_grid": grid_secs, "train_seconds_final": retrain_secs,
+        "params": count_parameters(final),
+    }
+    return FittedProbe(spec, final, chosen, list(train.class_names), train.token_names(spec.tokens), record, dev)
