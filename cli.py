@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from alfcache.errors import AlfError
+from probes.errors import ProbeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Extract ViT layer tokens once into stores; probe them many times.")
@@ -116,11 +117,47 @@ def ls(store_root: Optional[Path] = typer.Argument(None, help="store root (defau
     typer.echo(_table(rows, ["dataset", "model", "split", "N", "layers", "width", "dtype", "size_mb", "complete", "path"]))
 
 
+@app.command()
+def probe(
+    head: str = typer.Option("alf", help="head name, comma-separated names, or 'all' (every head the store supports)"),
+    dataset: Optional[str] = typer.Option(None, help="dataset name as recorded in the stores (optional if one)"),
+    model: Optional[str] = typer.Option(None, help="model name as recorded in the stores (optional if one)"),
+    store_root: Optional[Path] = typer.Option(None, help="where the stores are (default $ALF_FEATURES or ./features)"),
+    grid: str = typer.Option("paper", help="paper (the paper's full protocol) | quick (small grid for CPU)"),
+    out: Path = typer.Option(Path("results"), help="results folder"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    allow_incomplete: bool = typer.Option(False, help="probe stores whose extraction did not finish"),
+):
+    """Train heads on stored tokens; write one JSON per (dataset, model, head) and a summary table."""
+    from alfcache.stores import default_out
+    from probes.results import write_summary
+    from probes.runner import discover, run_heads
+
+    pairs = discover(store_root or default_out(), dataset, model)
+    if len(pairs) > 1 and (dataset is None or model is None):
+        names = ", ".join(f"{p.dataset} x {p.model}" for p in pairs)
+        typer.echo(f"probing {len(pairs)} dataset x model pairs: {names}")
+    heads = [h.strip() for h in head.split(",") if h.strip()]
+
+    def show(rec):
+        typer.echo(f"{rec['dataset']} | {rec['model']} | {rec['head']}: test balanced acc {rec['test_balanced_accuracy']:.2f}% "
+                   f"(val {rec['val_balanced_accuracy']:.2f}%, lr={rec['chosen']['lr']:g} wd={rec['chosen']['wd']:g} "
+                   f"dropout={rec['chosen']['dropout']:g}, {rec['params']:,} params)")
+
+    for pair in pairs:
+        run_heads(pair, heads, grid, out, seed=seed, device=device, allow_incomplete=allow_incomplete, on_result=show)
+    _, md, rows = write_summary(out)
+    typer.echo("")
+    typer.echo(md.read_text())
+    typer.echo(f"results in {out}/ (summary.md, summary.csv, one JSON per head)")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         app()
-    except AlfError as e:
+    except (AlfError, ProbeError) as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -1,0 +1,89 @@
+"""Result files a person can read: one JSON per (dataset, model, head), attention weights for heatmaps,
+and a CSV + markdown table across everything in a results folder."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+HEAD_ORDER = ["linear", "linear-clsap", "concat", "concat:middle+last", "concat:quarterly", "attentive",
+              "alf:last", "alf:middle+last", "alf:quarterly", "alf", "alf-patches"]
+COLUMNS = ["dataset", "model", "head", "test_balanced_accuracy", "test_top1", "val_balanced_accuracy",
+           "lr", "wd", "dropout", "params", "train_seconds", "n_train", "n_test", "grid", "seed"]
+
+
+def _slug(s: str) -> str:
+    out = "".join(ch if ch.isalnum() or ch in "-_.+" else "-" for ch in s).strip(".-")
+    return out or "unnamed"
+
+
+def result_dir(out: str | Path, dataset: str, model: str) -> Path:
+    return Path(out) / _slug(dataset) / _slug(model)
+
+
+def write_result(out: str | Path, dataset: str, model: str, head: str, record: dict,
+                 attention: np.ndarray | None = None, token_names: list[str] | None = None) -> Path:
+    """Write `<out>/<dataset>/<model>/<head>.json` (+ `<head>_attention.npz/.csv` for attention heads)."""
+    d = result_dir(out, dataset, model)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{_slug(head)}.json"
+    path.write_text(json.dumps(record, indent=2, default=float))
+    if attention is not None:
+        per_image = attention.mean(axis=1)  # (N, T): averaged over heads
+        np.savez_compressed(d / f"{_slug(head)}_attention.npz", per_image=per_image.astype(np.float32),
+                            token_names=np.asarray(token_names or []))
+        mean = per_image.mean(axis=0)
+        with open(d / f"{_slug(head)}_attention.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["token", "mean_attention"])
+            for name, v in zip(token_names or range(len(mean)), mean):
+                w.writerow([name, f"{v:.6f}"])
+    return path
+
+
+def collect(out: str | Path) -> list[dict]:
+    rows = []
+    for p in sorted(Path(out).glob("*/*/*.json")):
+        try:
+            r = json.loads(p.read_text())
+        except ValueError:
+            continue
+        if "test_balanced_accuracy" not in r:
+            continue
+        chosen = r.get("chosen", {})
+        rows.append({"dataset": r.get("dataset"), "model": r.get("model"), "head": r.get("head"),
+                     "test_balanced_accuracy": round(r["test_balanced_accuracy"], 2),
+                     "test_top1": round(r.get("test_top1", float("nan")), 2),
+                     "val_balanced_accuracy": round(r.get("val_balanced_accuracy", float("nan")), 2),
+                     "lr": chosen.get("lr"), "wd": chosen.get("wd"), "dropout": chosen.get("dropout"),
+                     "params": r.get("params"),
+                     "train_seconds": round(r.get("train_seconds_grid", 0) + r.get("train_seconds_final", 0), 1),
+                     "n_train": r.get("n_train_all"), "n_test": r.get("n_test"), "grid": r.get("grid_name"),
+                     "seed": r.get("seed")})
+    order = {h: i for i, h in enumerate(HEAD_ORDER)}
+    rows.sort(key=lambda r: (str(r["dataset"]), str(r["model"]), order.get(r["head"], 99), str(r["head"])))
+    return rows
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out: str | Path) -> tuple[Path, Path, list[dict]]:
+    """`summary.csv` and `summary.md` over every result JSON under `out`."""
+    out = Path(out)
+    rows = collect(out)
+    csv_path, md_path = out / "summary.csv", out / "summary.md"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    short = ["dataset", "model", "head", "test_balanced_accuracy", "test_top1", "val_balanced_accuracy", "lr", "wd",
+             "dropout", "params", "train_seconds"]
+    md_path.write_text("# Probe results\n\nBalanced top-1 accuracy (%) on the test split; hyper-parameters chosen "
+                       "on a stratified 20% validation split of train.\n\n" + markdown_table(rows, short))
+    return csv_path, md_path, rows

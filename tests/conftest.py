@@ -1,0 +1,55 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: hub ids must fail fast and clearly
+
+
+def run_alf(*args, env=None, check=False, timeout=300, cwd=None):
+    """Run the real `alf` CLI in a subprocess; returns CompletedProcess (text)."""
+    e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    e.update(env or {})
+    p = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                       env=e, timeout=timeout, cwd=cwd or ROOT)
+    if check and p.returncode != 0:
+        raise AssertionError(f"alf {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A small timm ViT with random weights, saved in timm's own folder layout (offline stand-in)."""
+    from alfcache.backbones import build_random_model
+
+    return build_random_model(tmp_path_factory.mktemp("models") / "tiny", img_size=16, patch_size=4, embed_dim=32,
+                              depth=4, num_heads=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_stores(tiny_model, tmp_path_factory):
+    """Zarr stores (train, test) of the digits dataset through the tiny model."""
+    from alfcache.extract import ExtractConfig, extract
+
+    out = tmp_path_factory.mktemp("features")
+    res = extract(ExtractConfig(model=f"local-dir:{tiny_model}", dataset="digits", out=out, workers=0,
+                                batch_size=64, progress=False))
+    return {r.split: r.path for r in res}
+
+
+def write_image_folder(root: Path, classes=("cat", "dog"), per_class=6, size=20, seed=0, splits=("train", "test")):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i:03d}.png")
+    return root
