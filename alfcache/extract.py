@@ -215,48 +215,50 @@ def _extract_split(bb, source, plan, transform, meta, path, cfg, device, autocas
     writes: list[Future] = []
     t0 = time.perf_counter()
     wait = 0.0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alf-writer") as writer, collector.attached(), \
-            torch.inference_mode():
-        t_wait = time.perf_counter()
-        for x, labels, idx, errs in loader:
-            wait += time.perf_counter() - t_wait
-            idx = idx.numpy()
-            ids = [source.sample_id(int(i)) for i in idx]
-            bad = [e for e in errs if e]
-            if bad and not cfg.skip_corrupt:
-                raise AlfError(bad[0] + " (pass --skip-corrupt to skip and record such images)")
-            x = x.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None):
-                bb.model.forward_features(x)
-            cls, ap = collector.collect()
-            labels = labels.numpy().copy()
-            skipped = [ids[j] for j, e in enumerate(errs) if e]
-            if skipped:
-                mask = torch.tensor([bool(e) for e in errs], device=cls.device)
-                cls[mask], ap[mask] = 0.0, 0.0
-                labels[[j for j, e in enumerate(errs) if e]] = -1
-            _check_tokens(cls, ap, cfg.dtype, plan.layer_names, ids)
-            k = int(idx[0]) // rows
-            c = buf.setdefault(k, {"cls": [], "ap": [], "labels": [], "ids": [], "skipped": [], "count": 0})
-            c["cls"].append(cls.cpu().numpy().astype(np_dtype))
-            c["ap"].append(ap.cpu().numpy().astype(np_dtype))
-            c["labels"].append(labels)
-            c["ids"] += ids
-            c["skipped"] += skipped
-            c["count"] += len(idx)
-            if c["count"] == min(n, (k + 1) * rows) - k * rows:
-                done = buf.pop(k)
-                writes = [f for f in writes if not f.done() or f.result()]
-                if len(writes) >= 2:  # bound memory: at most two chunks queued behind the model
-                    writes.pop(0).result()
-                writes.append(writer.submit(sink.write_chunk, k, np.concatenate(done["cls"]),
-                                            np.concatenate(done["ap"]), np.concatenate(done["labels"]),
-                                            done["ids"], done["skipped"]))
-            bar.update(len(idx))
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alf-writer") as writer, collector.attached(), \
+                torch.inference_mode():
             t_wait = time.perf_counter()
-        for f in writes:
-            f.result()
-    bar.close()
+            for x, labels, idx, errs in loader:
+                wait += time.perf_counter() - t_wait
+                idx = idx.numpy()
+                ids = [source.sample_id(int(i)) for i in idx]
+                bad = [e for e in errs if e]
+                if bad and not cfg.skip_corrupt:
+                    raise AlfError(bad[0] + " (pass --skip-corrupt to skip and record such images)")
+                x = x.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None):
+                    bb.model.forward_features(x)
+                cls, ap = collector.collect()
+                labels = labels.numpy().copy()
+                skipped = [ids[j] for j, e in enumerate(errs) if e]
+                if skipped:
+                    mask = torch.tensor([bool(e) for e in errs], device=cls.device)
+                    cls[mask], ap[mask] = 0.0, 0.0
+                    labels[[j for j, e in enumerate(errs) if e]] = -1
+                _check_tokens(cls, ap, cfg.dtype, plan.layer_names, ids)
+                k = int(idx[0]) // rows
+                c = buf.setdefault(k, {"cls": [], "ap": [], "labels": [], "ids": [], "skipped": [], "count": 0})
+                c["cls"].append(cls.cpu().numpy().astype(np_dtype))
+                c["ap"].append(ap.cpu().numpy().astype(np_dtype))
+                c["labels"].append(labels)
+                c["ids"] += ids
+                c["skipped"] += skipped
+                c["count"] += len(idx)
+                if c["count"] == min(n, (k + 1) * rows) - k * rows:
+                    done = buf.pop(k)
+                    writes = [f for f in writes if not f.done() or f.result()]
+                    if len(writes) >= 2:  # bound memory: at most two chunks queued behind the model
+                        writes.pop(0).result()
+                    writes.append(writer.submit(sink.write_chunk, k, np.concatenate(done["cls"]),
+                                                np.concatenate(done["ap"]), np.concatenate(done["labels"]),
+                                                done["ids"], done["skipped"]))
+                bar.update(len(idx))
+                t_wait = time.perf_counter()
+            for f in writes:
+                f.result()
+    finally:
+        bar.close()
     if sink.pending():
         raise AlfError(f"extraction of '{path}' ended with chunks missing: {sink.pending()[:5]}")
     sink.finalize()
