@@ -184,8 +184,11 @@ class AttentionPoolHead(nn.Module):
 
 
 def count_parameters(head: nn.Module, per_config: bool = True) -> int:
-    n = sum(p.numel() for p in head.parameters())
-    return n // head.G if per_config else n
+    """Trainable parameters of one configuration (every parameter carries the grid axis G first)."""
+    params = list(head.parameters())
+    if not per_config or not params:
+        return sum(p.numel() for p in params)
+    return sum(p[0].numel() for p in params)
 
 
 def pool_parameters_formula(width: int, num_heads: int) -> int:

@@ -188,6 +188,15 @@ def _class_weights(y: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.from_numpy(w)
 
 
+def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Class-weighted mean cross-entropy per configuration: logits (G, B, C) -> (G,).
+    Per slice it equals F.cross_entropy(logits[g], y, weight=weights)."""
+    g, B, C = logits.shape
+    ce = F.cross_entropy(logits.reshape(g * B, C), y.repeat(g), reduction="none").view(g, B)
+    w = weights[y]
+    return (ce * w).sum(1) / w.sum()
+
+
 def _group_size(spec: HeadSpec, G: int, B: int, T: int, D: int, budget: int = 1 << 30) -> int:
     """Configurations per forward/backward so the batched activations stay within `budget` bytes."""
     H = spec.num_heads or T
@@ -230,11 +239,7 @@ def train_configs(fs: FeatureSet, rows: np.ndarray, spec: HeadSpec, configs: lis
         opt.zero_grad()
         for sl in groups:
             logits = module(x, sl, drop_u)  # (g, B, C)
-            g = logits.shape[0]
-            ce = F.cross_entropy(logits.reshape(g * B, C), y.repeat(g), reduction="none").view(g, B)
-            w = weights[y]
-            loss = ((ce * w).sum(1) / w.sum()).sum()  # = sum over configs of weighted-mean CE
-            loss.backward()
+            weighted_cross_entropy(logits, y, weights).sum().backward()
         opt.clip_grad_norm(grid.clip)
         opt.step(cosine_lr(lr, step, steps, grid.min_lr))
     module.eval()

@@ -1,0 +1,201 @@
+"""Probe stage on real computations: planted signal, parameter formulas, factored attention,
+one-pass grid == training alone, optimiser == torch's, class weights, save/load."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
+
+from probes import FeatureSet, Grid, TokenSpec, fit, resolve_layers
+from probes.heads import AttentionPoolHead, LinearHead, count_parameters, pool_parameters_formula
+from probes.optim import BatchedAdamW, cosine_lr
+from probes.train import HEADS, _class_weights, predict_logits, train_configs, weighted_cross_entropy
+
+QUICK = Grid(lr=(1e-2, 1e-3), wd=(1e-4,), dropout=(0.0,), epochs=10, min_steps=150, batch_size=256)
+
+
+def planted(n, L=6, D=32, C=4, layer=2, seed=0, imbalance=False):
+    """Label lives only in one intermediate layer's AP token; everything else is noise."""
+    rng = np.random.default_rng(seed)
+    p = np.array([0.55, 0.25, 0.12, 0.08]) if imbalance else None
+    y = rng.choice(C, size=n, p=p)
+    cls = rng.standard_normal((n, L, D)).astype(np.float32)
+    ap = rng.standard_normal((n, L, D)).astype(np.float32)
+    centers = np.random.default_rng(99).standard_normal((C, D))
+    ap[:, layer] += 1.5 * centers[y]
+    return cls, ap, y
+
+
+@pytest.fixture(scope="module")
+def planted_sets():
+    cls, ap, y = planted(1600)
+    mk = lambda r: FeatureSet.from_arrays(cls=cls[r], ap=ap[r], labels=y[r])
+    return mk(np.arange(1200)), mk(np.arange(1200, 1600))
+
+
+def test_alf_finds_planted_intermediate_ap_token(planted_sets):
+    train, test = planted_sets
+    alf = fit(train, "alf", grid=QUICK, progress=False)
+    lin = fit(train, "linear", grid=QUICK, progress=False)
+    assert alf.balanced_accuracy(test) >= 95.0
+    assert lin.balanced_accuracy(test) < 40.0  # chance is 25%
+    att = alf.attention(test)  # (N, H, T)
+    assert att.shape == (400, 12, 12)
+    np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-5)
+    mean = att.mean(axis=(0, 1))
+    names = alf.token_names
+    assert names[int(mean.argmax())] == "layer3:ap"
+    assert mean.max() > 3 * np.delete(mean, mean.argmax()).max()
+
+
+def test_token_selection_layers_and_interleaving():
+    assert resolve_layers(12, "quarterly") == [2, 5, 8, 11]
+    assert resolve_layers(12, "middle+last") == [5, 11]
+    assert resolve_layers(24, "quarterly") == [5, 11, 17, 23]
+    assert resolve_layers(12, "0,-1") == [0, 11]
+    cls = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) + 1
+    fs = FeatureSet.from_arrays(cls=cls, ap=-cls, labels=[0, 1])
+    x = fs.tokens(np.array([1, 0]), TokenSpec("all", "cls+ap", normalise=False))
+    np.testing.assert_array_equal(x[0, 0], cls[1, 0])  # [CLS_1, AP_1, CLS_2, ...]
+    np.testing.assert_array_equal(x[0, 1], -cls[1, 0])
+    np.testing.assert_array_equal(x[1, 4], cls[0, 2])
+    xn = fs.tokens(np.array([0, 1]), TokenSpec("last", "cls"))
+    np.testing.assert_allclose(np.linalg.norm(xn, axis=-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("D,T,backbone_params,paper_share", [(768, 24, 86.57e6, 0.055), (1024, 48, 304.33e6, 0.027)])
+def test_parameter_counts_match_spec(D, T, backbone_params, paper_share):
+    head = AttentionPoolHead(1, T, D, 10, num_heads=T)
+    hd = 2 * (D // T)
+    assert head.head_dim == hd
+    pool = count_parameters(head) - count_parameters(head.classifier)
+    assert pool == pool_parameters_formula(D, T)
+    assert pool == D + 6 * D + 3 * D * T * hd + T * hd * D + D
+    assert count_parameters(head.classifier) == 2 * D + D * 10 + 10
+    assert abs(pool / backbone_params - paper_share) < 0.002  # ~5.5% of ViT-B, ~2.7% of ViT-L
+    lin = LinearHead(1, T, D, 10)
+    assert count_parameters(lin) == 2 * T * D + T * D * 10 + 10
+
+
+def test_factored_attention_equals_direct_order():
+    torch.manual_seed(0)
+    G, B, T, D, C = 3, 5, 7, 24, 4
+    head = AttentionPoolHead(G, T, D, C, num_heads=4, dropout=torch.tensor([0.0, 0.1, 0.3]))
+    with torch.no_grad():  # make the per-config LayerNorm affines differ
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(B, T, D)
+    drop = (torch.rand(B, 4, T), torch.rand(B, D))
+    head.train()
+    outs = []
+    for fwd in (head.forward, head.forward_direct):
+        head.zero_grad()
+        y = fwd(x, slice(None), drop)
+        y.square().sum().backward()
+        # ln_k's bias only adds a per-head constant to the logits, which softmax cancels: its gradient
+        # is exactly zero, and the factored order does not even touch it (None)
+        grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in head.parameters()]
+        outs.append((y.detach(), grads, head.last_attention()))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[0][2], outs[1][2], rtol=1e-4, atol=1e-6)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["linear-clsap", "alf"])
+def test_grid_in_one_pass_equals_each_config_alone(head):
+    cls, ap, y = planted(300, L=3, D=16, seed=1)
+    fs = FeatureSet.from_arrays(cls=cls, ap=ap, labels=y)
+    spec = HEADS[head]
+    grid = Grid(epochs=3, min_steps=40, batch_size=64)
+    configs = [{"lr": 1e-2, "wd": 1e-4, "dropout": 0.0}, {"lr": 1e-3, "wd": 1e-1, "dropout": 0.1},
+               {"lr": 1e-1, "wd": 1e-6, "dropout": 0.3}]
+    rows = fs.rows
+    together, _ = train_configs(fs, rows, spec, configs, grid, seed=3, device=torch.device("cpu"), progress=False,
+                                group_size=2)  # two groups per step, same batches
+    lt, _ = predict_logits(together, fs, rows, spec, torch.device("cpu"))
+    for i, c in enumerate(configs):
+        alone, _ = train_configs(fs, rows, spec, [c], grid, seed=3, device=torch.device("cpu"), progress=False)
+        la, _ = predict_logits(alone, fs, rows, spec, torch.device("cpu"))
+        np.testing.assert_allclose(lt[i], la[0], rtol=1e-3, atol=1e-4)
+        for (name, pt), (_, pa) in zip(together.state_dict().items(), alone.state_dict().items()):
+            if pt.dim() and pt.shape[0] == len(configs):
+                torch.testing.assert_close(pt[i], pa[0], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_batched_adamw_and_clipping_equal_torch():
+    torch.manual_seed(0)
+    lrs, wds = torch.tensor([1e-1, 1e-2]), torch.tensor([1e-2, 0.5])
+    W = torch.nn.Parameter(torch.randn(2, 5, 3))
+    refs = [torch.nn.Parameter(W.detach()[g].clone()) for g in range(2)]
+    ours = BatchedAdamW([W], lrs, wds)
+    theirs = [torch.optim.AdamW([refs[g]], lr=float(lrs[g]), weight_decay=float(wds[g])) for g in range(2)]
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10, eta_min=1e-6) for o in theirs]
+    for step in range(10):
+        grad = torch.randn(2, 5, 3) * 10
+        ours.zero_grad()
+        W.grad = grad.clone()
+        ours.clip_grad_norm(5.0)
+        ours.step(cosine_lr(lrs, step, 10, 1e-6))
+        for g in range(2):
+            theirs[g].zero_grad()
+            refs[g].grad = grad[g].clone()
+            torch.nn.utils.clip_grad_norm_([refs[g]], 5.0)
+            theirs[g].step()
+            scheds[g].step()
+    for g in range(2):
+        torch.testing.assert_close(W.detach()[g], refs[g].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_class_weighted_loss():
+    y = np.array([0] * 6 + [1] * 3 + [2])
+    w = _class_weights(y, 4)
+    np.testing.assert_allclose(w[:3].numpy(), [10 / 18, 10 / 9, 10 / 3], rtol=1e-6)
+    assert w[3] == 0  # a class absent from training
+    logits = torch.randn(2, 10, 4)
+    yt = torch.from_numpy(y)
+    ours = weighted_cross_entropy(logits, yt, w)
+    for g in range(2):
+        torch.testing.assert_close(ours[g], F.cross_entropy(logits[g], yt, weight=w))
+
+
+def test_weighted_training_helps_minority_classes():
+    cls, ap, y = planted(1200, seed=2, imbalance=True)
+    mk = lambda r: FeatureSet.from_arrays(cls=cls[r], ap=ap[r], labels=y[r])
+    probe = fit(mk(np.arange(900)), "concat", grid=QUICK, progress=False)
+    test = mk(np.arange(900, 1200))
+    pred = probe.predict(test)
+    assert probe.balanced_accuracy(test) == pytest.approx(100 * balanced_accuracy_score(y[900:], pred))
+    recalls = [(pred[y[900:] == c] == c).mean() for c in range(4)]
+    assert min(recalls) > 0.6, recalls
+
+
+def test_record_save_load_roundtrip(planted_sets, tmp_path):
+    train, test = planted_sets
+    probe = fit(train, "alf", grid=QUICK, progress=False, seed=5)
+    r = probe.record
+    assert r["n_val"] == 240 and r["n_train"] == 960 and len(r["grid_results"]) == 2
+    assert r["chosen"] in [{k: g[k] for k in ("lr", "wd", "dropout")} for g in r["grid_results"]]
+    assert r["params"] == probe.num_parameters and r["seed"] == 5
+    probe.save(tmp_path / "alf")
+    from probes.train import FittedProbe
+
+    back = FittedProbe.load(tmp_path / "alf")
+    np.testing.assert_allclose(back.logits(test), probe.logits(test), rtol=1e-5, atol=1e-5)
+    # deterministic for a seed
+    again = fit(train, "alf", grid=QUICK, progress=False, seed=5)
+    np.testing.assert_allclose(again.logits(test), probe.logits(test), rtol=1e-5, atol=1e-5)
+
+
+def test_streaming_batches_match_in_memory_set(planted_sets):
+    """Training from chunk-streamed reads (store bigger than RAM) reaches the same quality."""
+    train, test = planted_sets
+    train.chunk_rows = 100
+    from probes.train import BatchStream
+
+    s = BatchStream(train, train.rows, TokenSpec("all", "cls+ap"), 256, seed=0, in_memory=False)
+    it = iter(s)
+    seen = np.concatenate([next(it)[1] for _ in range(5)])  # first epoch: 1200 rows in batches of 256
+    assert len(seen) == 1200 and sorted(np.bincount(seen)) == sorted(np.bincount(train.labels))
+    lin = fit(train, "alf", grid=QUICK, progress=False, in_memory=False)
+    assert lin.balanced_accuracy(test) >= 95.0
