@@ -26,3 +26,21 @@ demo:
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+# The paper's study: 9 models x 20 datasets, every head, the paper's grid; rerun to resume.
+# Narrow it with MODELS=vit-b,clip-l DATASETS=fer2013 HEADS=linear,alf (comma-separated).
+GRID ?= paper
+ROOT ?= .
+reproduce:
+	$(ALF) reproduce --root $(ROOT) --grid $(GRID) $(if $(MODELS),--models $(MODELS)) \
+		$(if $(DATASETS),--datasets $(DATASETS)) $(if $(HEADS),--heads $(HEADS))
+
+# Same pipeline and code on the embedded digits data with two small locally built (random-weight) models.
+MINI ?= mini
+MINI_HEADS ?= linear,linear-clsap,concat,alf
+reproduce-mini:
+	$(ALF) build-random-model $(MINI)/models/tiny-a --embed-dim 48 --depth 4 --num-heads 3 --seed 0
+	$(ALF) build-random-model $(MINI)/models/tiny-b --embed-dim 64 --depth 6 --num-heads 4 --seed 1
+	$(ALF) reproduce --root $(MINI) --grid quick --workers 0 \
+		--models local-dir:$(MINI)/models/tiny-a,local-dir:$(MINI)/models/tiny-b --datasets digits \
+		--heads $(if $(HEADS),$(HEADS),$(MINI_HEADS))

@@ -45,6 +45,7 @@ def datasets():
 
     rows = [{"name": e.name, "description": e.description} for e in DATASETS.values()]
     rows.append({"name": "imagefolder:<path>", "description": "<path>/{train,test}/<class>/* or <path>/<class>/* (80/20 split)"})
+    rows.append({"name": "hf:<id or folder>", "description": "any HF image-classification dataset (image/label columns detected)"})
     typer.echo(_table(rows, ["name", "description"]))
 
 
@@ -151,6 +152,134 @@ def probe(
     typer.echo("")
     typer.echo(md.read_text())
     typer.echo(f"results in {out}/ (summary.md, summary.csv, one JSON per head)")
+
+
+@app.command()
+def report(
+    store_root: Optional[Path] = typer.Option(None, help="stores (default $ALF_FEATURES or ./features)"),
+    results: Path = typer.Option(Path("results"), help="results folder written by `alf probe`"),
+    out: Path = typer.Option(Path("reports"), help="report folder"),
+    dataset: Optional[str] = typer.Option(None), model: Optional[str] = typer.Option(None),
+    grid: str = typer.Option("quick", help="grid of the per-layer linear probes"),
+    cka: str = typer.Option("linear", help="linear | rbf (debiased CKA kernel)"),
+    layers: bool = typer.Option(True, help="run the per-layer probes + CKA (needs the stores)"),
+    seed: int = 0, device: str = "auto",
+):
+    """Per-layer accuracy + CKA plots, ALF heatmaps and tables against the paper, linked from index.md."""
+    _report(store_root, results, out, dataset, model, grid, cka, layers, seed, device)
+
+
+def _report(store_root, results, out, dataset, model, grid, cka, layers, seed, device) -> Path:
+    from alfcache.stores import default_out
+    from probes.features import FeatureSet, check_compatible
+    from probes.layerwise import layer_sweep
+    from probes.report import alf_heatmap, comparison_tables, layer_report, write_index
+    from probes.results import collect
+    from probes.runner import discover
+
+    sections: dict[str, list] = {"Per-layer linear probes and CKA": [], "ALF layer-attention heatmaps": [],
+                                 "Tables": []}
+    if layers:
+        for pair in discover(store_root or default_out(), dataset, model):
+            train, test = FeatureSet.open(pair.train), FeatureSet.open(pair.test)
+            check_compatible(train, test)
+            rows = layer_sweep(train, test, grid=grid, seed=seed, device=device, kernel=cka)
+            d = out / "layers" / pair.dataset.replace("/", "-") / pair.model.replace("/", "-").replace(":", "-")
+            files = layer_report(rows, d, f"{pair.dataset} x {pair.model}")
+            sections["Per-layer linear probes and CKA"].append((f"{pair.dataset} x {pair.model}", files["md"]))
+            sections["Per-layer linear probes and CKA"].append((f"{pair.dataset} x {pair.model} (plot)", files["png"]))
+    if results.is_dir():
+        for m in sorted({r["model"] for r in collect(results)}):
+            files = alf_heatmap(results, m, out / "heatmaps")
+            if files:
+                sections["ALF layer-attention heatmaps"] += [(f"{m} (plot)", files["png"]), (f"{m} (CSV)", files["csv"])]
+        for label, path in comparison_tables(results, out / "tables").items():
+            sections["Tables"].append((label, path))
+    index = write_index(out, sections)
+    typer.echo(f"report: {index}")
+    means = out / "tables" / "means_vs_paper.md"
+    if means.exists():
+        typer.echo(means.read_text())
+    return index
+
+
+@app.command()
+def reproduce(
+    models: str = typer.Option(",".join(["vit-s", "vit-b", "vit-l", "dinov2-s", "dinov2-b", "dinov2-l", "clip-b32",
+                                          "clip-b16", "clip-l"]), help="comma-separated models"),
+    datasets: Optional[str] = typer.Option(None, help="comma-separated datasets (default: the paper's)"),
+    heads: str = typer.Option("all", help="comma-separated heads or all"),
+    grid: str = typer.Option("paper"),
+    root: Path = typer.Option(Path("."), help="folder for features/, results/ and reports/"),
+    device: str = typer.Option("auto"), workers: int = typer.Option(2), batch_size: int = typer.Option(128),
+    seed: int = 0,
+):
+    """The whole study: extract (complete stores skipped), probe every head, report. Rerun to resume."""
+    import json
+
+    import torch
+
+    from alfcache.datasets import PAPER_DATASETS, check_dataset, dataset_size
+    from alfcache.extract import ExtractConfig, extract as run_extract
+    from alfcache.stores import read_metadata
+    from alfcache.plan import (check_model, estimate, free_bytes, hub_reachable, human_bytes, human_seconds,
+                               model_facts)
+    from probes.features import FeatureSet
+    from probes.results import result_dir, write_summary
+    from probes.runner import discover, run_heads
+    from probes.train import supported_heads
+
+    model_list = [m for m in models.split(",") if m]
+    dataset_list = [d for d in (datasets.split(",") if datasets else PAPER_DATASETS) if d]
+    online = hub_reachable()
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    checks = [check_model(m, online) for m in model_list] + [check_dataset(d, online) for d in dataset_list]
+    typer.echo(f"plan: {len(model_list)} models x {len(dataset_list)} datasets on {dev}; hub "
+               f"{'reachable' if online else 'NOT reachable'}")
+    for c in checks:
+        typer.echo(f"  {'ok  ' if c.reachable else 'SKIP'} {c.kind} {c.name}: {c.reason}")
+    ok_models = [c.name for c in checks if c.kind == "model" and c.reachable]
+    ok_data = [c.name for c in checks if c.kind == "dataset" and c.reachable]
+    total_s = total_b = 0.0
+    for m in ok_models:
+        facts = model_facts(m)
+        for d in ok_data:
+            n = sum(dataset_size(d).values())
+            e = estimate(facts, n, facts["depth"], dev.split(":")[0])
+            total_s += e["seconds"]
+            total_b += e["bytes"]
+    features = root / "features"
+    typer.echo(f"estimated extraction: {human_seconds(total_s)}, stores {human_bytes(total_b)} "
+               f"(free: {human_bytes(free_bytes(root))})")
+    if not ok_models or not ok_data:
+        raise AlfError("nothing to run: no reachable model or dataset (see the plan above)")
+    results = root / "results"
+    head_list = [h for h in heads.split(",") if h]
+    for d in ok_data:
+        for m in ok_models:
+            res = run_extract(ExtractConfig(model=m, dataset=d, out=features, device=device, workers=workers,
+                                            batch_size=batch_size))
+            for r in res:
+                typer.echo(f"{d} x {m} {r.split}: {r.status}")
+            meta = read_metadata(res[0].path)
+            for pair in discover(features, dataset=meta["dataset"]["name"], model=meta["model"]["name"]):
+                wanted = supported_heads(FeatureSet.open(pair.train)) if head_list == ["all"] else head_list
+                todo = [h for h in wanted if not _result_done(result_dir(results, pair.dataset, pair.model), h, grid, seed)]
+                typer.echo(f"{pair.dataset} x {pair.model}: {len(wanted) - len(todo)} heads done, running {todo or 'none'}")
+                if todo:
+                    run_heads(pair, todo, grid, results, seed=seed, device=device)
+    write_summary(results)
+    _report(features, results, root / "reports", None, None, "quick", "linear", True, seed, device)
+
+
+def _result_done(folder: Path, head: str, grid: str, seed: int) -> bool:
+    import json
+
+    f = folder / f"{head.replace(':', '-')}.json"
+    if not f.exists():
+        return False
+    rec = json.loads(f.read_text())
+    return rec.get("grid_name") == grid and rec.get("seed") == seed and "test_balanced_accuracy" in rec
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class Backbone:
     """A loaded model plus everything a store must record about it."""
 
-    name: str  # what the user asked for (short name, timm:id or local-dir:path)
+    name: str  # short name, timm:<id>, or local-<folder name> for a local folder (full path in source_id)
     source_id: str  # timm id or local-dir:<abs path>
     model: torch.nn.Module
     data_config: dict  # timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode)
@@ -134,7 +134,8 @@ def load_backbone(name: str) -> Backbone:
         raise AlfError(f"model '{name}' is not a timm VisionTransformer-like model (no blocks/patch_embed)")
     model.eval()
     data_config = timm.data.resolve_data_config(args=dict(overrides), model=model)
-    return Backbone(name=name, source_id=source_id, model=model, data_config=data_config, pretrained=True)
+    display = f"local-{local.resolve().name}" if local is not None else name
+    return Backbone(name=display, source_id=source_id, model=model, data_config=data_config, pretrained=True)
 
 
 def build_random_model(path: str | os.PathLike, arch: str = "vit_tiny_patch16_224", *, img_size: int = 32,

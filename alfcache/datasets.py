@@ -7,6 +7,7 @@ image i as an RGB PIL image, its label and a stable sample id. New datasets (the
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,154 @@ class ImageFolderSource(ImageSource):
         return Image.open(self._files[i])
 
 
+class HFSource(ImageSource):
+    """One split of a Hugging Face `datasets.Dataset` (Arrow, memory-mapped: never held in RAM).
+
+    The image column is the first `Image` feature (or jpg/png/webp/image); the label column a `ClassLabel`
+    or one named cls/label/labels. Class names come from the ClassLabel or are given.
+    """
+
+    def __init__(self, ds, dataset: str, split: str, class_names: list[str] | None = None,
+                 image_col: str | None = None, label_col: str | None = None):
+        import datasets as hfd
+
+        feats = ds.features
+        cols = list(feats)
+        image_col = image_col or next((c for c in cols if isinstance(feats[c], hfd.Image)), None) or \
+            next((c for c in ("jpg", "jpeg", "png", "webp", "image", "img") if c in cols), None)
+        label_col = label_col or next((c for c in cols if isinstance(feats[c], hfd.ClassLabel)), None) or \
+            next((c for c in ("cls", "label", "labels", "fine_label") if c in cols), None)
+        if image_col is None or label_col is None:
+            raise AlfError(f"dataset '{dataset}' split '{split}': cannot tell the image and label columns "
+                           f"apart among {cols}")
+        if class_names is None:
+            f = feats[label_col]
+            class_names = list(f.names) if isinstance(f, hfd.ClassLabel) else None
+        labels = np.asarray(ds[label_col], dtype=np.int64)
+        if class_names is None:
+            class_names = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
+        if len(labels) == 0:
+            raise AlfError(f"dataset '{dataset}' split '{split}' holds no images")
+        if labels.min() < 0 or labels.max() >= len(class_names):
+            raise AlfError(f"dataset '{dataset}' split '{split}' has labels outside its {len(class_names)} classes")
+        self.dataset, self.split, self.class_names, self.labels = dataset, split, list(class_names), labels
+        self._ids = list(ds["__key__"]) if "__key__" in cols else None
+        self._ds = ds.select_columns([image_col])
+        self._image_col = image_col
+
+    def sample_id(self, i: int) -> str:
+        return self._ids[i] if self._ids is not None else f"{self.split}/{i}"
+
+    def _load(self, i: int) -> Image.Image:
+        img = self._ds[int(i)][self._image_col]
+        return img if isinstance(img, Image.Image) else Image.open(img)
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """One of the paper's datasets as a CLIP-benchmark web-dataset copy on the Hugging Face hub."""
+
+    name: str
+    repo: str
+    group: str
+    sizes: dict  # approximate train/test image counts, for time and disk estimates only
+
+
+ENV_DATASETS_DIR = "ALF_DATASETS_DIR"  # a local mirror: <dir>/<repo name>/{train,test}/*.tar + classnames.txt
+
+_PAPER = [
+    ("stl10", "wds_stl10", "natural multi-domain", 5000, 8000),
+    ("cifar10", "wds_vtab-cifar10", "natural multi-domain", 50000, 10000),
+    ("caltech101", "wds_vtab-caltech101", "natural multi-domain", 3060, 6085),
+    ("voc2007", "wds_voc2007", "natural multi-domain", 5011, 4952),
+    ("cifar100", "wds_vtab-cifar100", "natural multi-domain", 50000, 10000),
+    ("country211", "wds_country211", "natural multi-domain", 31650, 21100),
+    ("pets", "wds_vtab-pets", "natural single-domain", 3680, 3669),
+    ("flowers", "wds_vtab-flowers", "natural single-domain", 1020, 6149),
+    ("cars", "wds_cars", "natural single-domain", 8144, 8041),
+    ("fgvc-aircraft", "wds_fgvc_aircraft", "natural single-domain", 6667, 3333),
+    ("gtsrb", "wds_gtsrb", "natural single-domain", 26640, 12630),
+    ("svhn", "wds_vtab-svhn", "natural single-domain", 73257, 26032),
+    ("pcam", "wds_vtab-pcam", "specialised", 262144, 32768),
+    ("eurosat", "wds_vtab-eurosat", "specialised", 16200, 5400),
+    ("resisc45", "wds_vtab-resisc45", "specialised", 18900, 6300),
+    ("diabetic-retinopathy", "wds_vtab-diabetic_retinopathy", "specialised", 35126, 42670),
+    ("dtd", "wds_vtab-dtd", "structured", 3760, 1880),
+    ("fer2013", "wds_fer2013", "structured", 28709, 7178),
+    ("dmlab", "wds_vtab-dmlab", "structured", 65550, 22735),
+]
+HUB_DATASETS: dict[str, HubDataset] = {
+    n: HubDataset(n, f"clip-benchmark/{r}", g, {"train": a, "test": b}) for n, r, g, a, b in _PAPER
+}
+HUB_DATASETS["imagenet1k"] = HubDataset("imagenet1k", "clip-benchmark/wds_imagenet1k", "extra",
+                                        {"train": 1281167, "test": 50000})
+PAPER_DATASETS = [n for n, *_ in _PAPER]
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+def wds_folder(entry: HubDataset, split: str) -> Path:
+    """The folder holding `<split>/*.tar` and `classnames.txt`: a local mirror, else a hub snapshot."""
+    mirror = os.environ.get(ENV_DATASETS_DIR)
+    if mirror and (Path(mirror) / entry.repo.split("/")[-1]).is_dir():
+        return Path(mirror) / entry.repo.split("/")[-1]
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(entry.repo, repo_type="dataset",
+                                      allow_patterns=[f"{split}/*", "classnames.txt"]))
+    except Exception as e:
+        raise AlfError(f"could not fetch dataset '{entry.name}' ({entry.repo}) from the Hugging Face hub: "
+                       f"{_reason(e)}") from None
+
+
+def open_webdataset(folder: Path, dataset: str, split: str) -> HFSource:
+    """Web-dataset tar shards (`<folder>/<split>/*.tar`, `<key>.{jpg,png,webp}` + `<key>.cls`) via HF datasets."""
+    import datasets as hfd
+
+    shards = sorted((folder / split).glob("*.tar"))
+    if not shards:
+        have = sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*.tar")))
+        raise unknown_name("split", split, have, hint=f"dataset '{dataset}'")
+    names_file = folder / "classnames.txt"
+    class_names = [l.strip() for l in names_file.read_text().splitlines() if l.strip()] if names_file.is_file() else None
+    try:
+        ds = hfd.load_dataset("webdataset", data_files={split: [str(s) for s in shards]}, split=split)
+    except Exception as e:
+        raise AlfError(f"cannot read the web-dataset shards of '{dataset}' split '{split}': {_reason(e)}") from None
+    return HFSource(ds, dataset, split, class_names)
+
+
+def open_hub_dataset(name: str, split: str) -> HFSource:
+    entry = HUB_DATASETS[name]
+    return open_webdataset(wds_folder(entry, split), name, split)
+
+
+def open_hf(arg: str, split: str) -> HFSource:
+    """`hf:<dataset id>` or `hf:<folder written by Dataset(Dict).save_to_disk>`."""
+    import datasets as hfd
+
+    name = f"hf:{arg}"
+    try:
+        if Path(arg).is_dir():
+            obj = hfd.load_from_disk(arg)
+            if isinstance(obj, hfd.DatasetDict):
+                if split not in obj:
+                    raise unknown_name("split", split, list(obj), hint=f"dataset '{name}'")
+                obj = obj[split]
+            ds = obj
+        else:
+            ds = hfd.load_dataset(arg, split=split)
+    except AlfError:
+        raise
+    except Exception as e:
+        raise AlfError(f"could not load dataset '{name}' split '{split}': {_reason(e)}") from None
+    return HFSource(ds, name, split)
+
+
 @dataclass(frozen=True)
 class DatasetEntry:
     name: str
@@ -162,9 +311,41 @@ DATASETS: dict[str, DatasetEntry] = {
                            "scikit-learn handwritten digits, 1797 real 8x8 images, 10 classes (offline)"),
 }
 
+for _e in HUB_DATASETS.values():
+    DATASETS[_e.name] = DatasetEntry(_e.name, lambda split, n=_e.name: open_hub_dataset(n, split),
+                                     f"{_e.group}; {_e.repo}; ~{_e.sizes['train']} train / {_e.sizes['test']} test")
+
 PREFIXES: dict[str, Callable[[str, str], ImageSource]] = {
     "imagefolder:": lambda arg, split: ImageFolderSource(arg, split),
+    "hf:": open_hf,
 }
+
+
+def dataset_size(name: str) -> dict:
+    """Image counts per split: known for the registry, counted for local folders."""
+    if name in HUB_DATASETS:
+        return dict(HUB_DATASETS[name].sizes)
+    return {s: len(open_source(name, s)) for s in ("train", "test")}
+
+
+def check_dataset(name: str, online: bool):
+    """Can this dataset be reached? (for `alf reproduce`'s up-front plan)"""
+    from .plan import PlanItem, _hub_cached
+
+    if name in HUB_DATASETS:
+        e = HUB_DATASETS[name]
+        mirror = os.environ.get(ENV_DATASETS_DIR)
+        if mirror and (Path(mirror) / e.repo.split("/")[-1]).is_dir():
+            return PlanItem("dataset", name, True, f"local mirror in {mirror}")
+        if _hub_cached(e.repo, "dataset"):
+            return PlanItem("dataset", name, True, f"in the local hub cache ({e.repo})")
+        return PlanItem("dataset", name, online, f"will download {e.repo}" if online else
+                        f"{e.repo} not cached and the hub is unreachable")
+    try:
+        open_source(name, "test")
+        return PlanItem("dataset", name, True, "available")
+    except AlfError as err:
+        return PlanItem("dataset", name, False, str(err))
 
 
 def dataset_slug(name: str) -> str:
@@ -188,5 +369,5 @@ def open_source(name: str, split: str) -> ImageSource:
         if name.startswith(prefix):
             return factory(name[len(prefix):], split)
     if name not in DATASETS:
-        raise unknown_name("dataset", name, DATASETS, hint="or imagefolder:<path>")
+        raise unknown_name("dataset", name, DATASETS, hint="or imagefolder:<path>, hf:<dataset id or folder>")
     return DATASETS[name].factory(split)

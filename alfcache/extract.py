@@ -179,7 +179,7 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
     if device.type == "cuda" and cfg.amp:
         autocast = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     out = Path(cfg.out) if cfg.out else default_out()
-    model_slug = bb.name if not bb.source_id.startswith("local-dir:") else "local-" + Path(bb.source_id[10:]).name
+    model_slug = bb.name
     results = []
     for source in sources:
         itemsize = 2 if cfg.dtype == "float16" else 4

@@ -90,6 +90,25 @@ class LinearHead(nn.Module):
         return {"kind": self.kind, "num_tokens": self.num_tokens, "width": self.width, "num_classes": self.num_classes}
 
 
+class PerTokenLinearHead(nn.Module):
+    """Configuration g reads only token `token_index[g]` -> BatchNorm1d -> Linear (per-layer probes)."""
+
+    kind = "per-token"
+
+    def __init__(self, G: int, num_tokens: int, width: int, num_classes: int, token_index: torch.Tensor):
+        super().__init__()
+        self.G, self.num_tokens, self.width, self.num_classes = G, num_tokens, width, num_classes
+        self.register_buffer("token_index", token_index.long().clone())
+        self.classifier = Classifier(G, width, num_classes)
+
+    def forward(self, x: torch.Tensor, sl: slice = slice(None), drop_u=None) -> torch.Tensor:
+        return self.classifier(x[:, self.token_index[sl]].transpose(0, 1), sl)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "num_tokens": self.num_tokens, "width": self.width, "num_classes": self.num_classes,
+                "token_index": self.token_index.tolist()}
+
+
 class AttentionPoolHead(nn.Module):
     """The paper's single-query attention pool + classifier, batched over G configurations."""
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .errors import ProbeError, unknown_name
 from .features import FeatureSet
-from .heads import AttentionPoolHead, LinearHead, count_parameters
+from .heads import AttentionPoolHead, LinearHead, PerTokenLinearHead, count_parameters
 from .optim import BatchedAdamW, cosine_lr
 from .selection import TokenSpec
 
@@ -76,10 +76,12 @@ def supported_heads(fs: FeatureSet) -> list[str]:
 
 
 def build_head(spec: HeadSpec, G: int, num_tokens: int, width: int, num_classes: int,
-               dropout: torch.Tensor | None, seed: int):
+               dropout: torch.Tensor | None, seed: int, token_index: torch.Tensor | None = None):
     torch.manual_seed(seed)
     if spec.kind == "linear":
         return LinearHead(G, num_tokens, width, num_classes)
+    if spec.kind == "per-token":
+        return PerTokenLinearHead(G, num_tokens, width, num_classes, token_index)
     return AttentionPoolHead(G, num_tokens, width, num_classes, spec.num_heads or num_tokens, dropout)
 
 
@@ -200,7 +202,7 @@ def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: torch
 def _group_size(spec: HeadSpec, G: int, B: int, T: int, D: int, budget: int = 1 << 30) -> int:
     """Configurations per forward/backward so the batched activations stay within `budget` bytes."""
     H = spec.num_heads or T
-    per = B * (H * T + H * D) * 4 * 4 if spec.kind == "attention" else B * T * D * 4 * 2
+    per = {"attention": B * (H * T + H * D) * 4 * 4, "per-token": B * D * 4 * 4}.get(spec.kind, B * T * D * 4 * 2)
     return max(1, min(G, budget // max(per, 1)))
 
 
@@ -216,7 +218,8 @@ def train_configs(fs: FeatureSet, rows: np.ndarray, spec: HeadSpec, configs: lis
     if len(np.unique(y_all)) < 2:
         raise ProbeError("training data holds fewer than 2 classes")
     dropout = torch.tensor([c["dropout"] for c in configs])
-    module = build_head(spec, G, T, D, C, dropout, seed).to(device)
+    tokens = torch.tensor([c.get("token", 0) for c in configs])
+    module = build_head(spec, G, T, D, C, dropout, seed, tokens).to(device)
     module.train()
     lr = torch.tensor([c["lr"] for c in configs], device=device)
     wd = torch.tensor([c["wd"] for c in configs], device=device)

@@ -1,0 +1,50 @@
+"""Per-layer linear probes (CLS and AP of every tapped layer) and CKA of each layer with the last.
+
+All 2L per-token probes x the lr/wd grid train in one pass with the same batched trainer as the heads:
+a configuration here is (token, lr, wd); each reads its own token.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .cka import cka
+from .features import FeatureSet
+from .selection import TokenSpec
+from .train import (HeadSpec, _val_split, balanced_accuracy, predict_logits, resolve_device, resolve_grid,
+                    train_configs)
+
+SWEEP = HeadSpec("per-token", "per-token", TokenSpec("all", "cls+ap"))
+
+
+def layer_sweep(train: FeatureSet, test: FeatureSet, grid="quick", seed: int = 0, device=None,
+                kernel: str = "linear", progress: bool = True) -> list[dict]:
+    """One row per (layer, kind): chosen lr/wd, val and test balanced accuracy, CKA with the last layer."""
+    g = resolve_grid(grid)
+    dev = resolve_device(device)
+    names = train.token_names(SWEEP.tokens)
+    T = len(names)
+    rows = train.rows
+    tr, va = _val_split(train.labels[rows], g.val_fraction, seed)
+    configs = [{"token": t, "lr": c["lr"], "wd": c["wd"], "dropout": 0.0} for t in range(T) for c in g.configs("linear")]
+    module, _ = train_configs(train, rows[tr], SWEEP, configs, g, seed=seed, device=dev, progress=progress,
+                              desc=f"layer sweep: {len(configs)} probes")
+    val_logits, _ = predict_logits(module, train, rows[va], SWEEP, dev)
+    y_val = train.labels[rows[va]]
+    scores = np.array([balanced_accuracy(y_val, val_logits[i].argmax(-1)) for i in range(len(configs))])
+    best = [max((i for i in range(len(configs)) if configs[i]["token"] == t), key=lambda i: scores[i]) for t in range(T)]
+    winners = [configs[i] for i in best]
+    final, _ = train_configs(train, rows, SWEEP, winners, g, seed=seed, device=dev, progress=progress,
+                             desc="layer sweep: retrain winners")
+    test_logits, _ = predict_logits(final, test, test.rows, SWEEP, dev)
+    y_test = test.labels[test.rows]
+    raw = test.tokens(test.rows, TokenSpec("all", "cls+ap", normalise=False))
+    out = []
+    for t, name in enumerate(names):
+        layer, kind = name.rsplit(":", 1)
+        last = T - 2 if kind == "cls" else T - 1
+        out.append({"token": name, "layer": layer, "layer_index": t // 2 + 1, "kind": kind,
+                    "lr": winners[t]["lr"], "wd": winners[t]["wd"], "val_balanced_accuracy": float(scores[best[t]]),
+                    "test_balanced_accuracy": balanced_accuracy(y_test, test_logits[t].argmax(-1)),
+                    f"cka_{kernel}_with_last": cka(raw[:, t], raw[:, last], kernel=kernel)})
+    return out
