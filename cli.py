@@ -51,7 +51,8 @@ def datasets():
 
 @app.command()
 def extract(
-    model: str = typer.Option(..., help="short name (alf models), timm:<id>, local-dir:<path> or a model folder"),
+    model: str = typer.Option(..., help="short name (alf models), timm:<id>, hf:<transformers id or folder>, "
+                                        "local-dir:<path> or a model folder"),
     dataset: str = typer.Option(..., help="short name (alf datasets) or imagefolder:<path>"),
     split: str = typer.Option("train,test", help="comma-separated splits"),
     batch_size: int = typer.Option(128, help="images per forward pass"),
@@ -59,13 +60,16 @@ def extract(
     workers: int = typer.Option(2, help="DataLoader worker processes"),
     format: str = typer.Option("zarr", "--format", help="zarr | h5"),
     dtype: str = typer.Option("float16", help="float16 | float32 (stored precision)"),
-    taps: str = typer.Option("alf", help="alf | blocks | comma-separated module names"),
+    taps: str = typer.Option("alf", help="alf | blocks | modules | comma-separated module names"),
     out: Optional[Path] = typer.Option(None, help="store root (default $ALF_FEATURES or ./features)"),
     overwrite: bool = typer.Option(False, help="redo complete stores"),
     amp: bool = typer.Option(True, help="autocast (bf16/fp16) on CUDA"),
     chunk_rows: Optional[int] = typer.Option(None, help="rows per store chunk (default: ~4 MB chunks)"),
     skip_corrupt: bool = typer.Option(False, help="skip unreadable images, recording them in metadata"),
     break_lock: bool = typer.Option(False, help="take over a lock held by a process that is gone"),
+    patches: bool = typer.Option(False, help="also store every patch token of the last layer (large; for the "
+                                             "attentive and alf-patches heads)"),
+    registers: bool = typer.Option(False, help="also store the register tokens of every layer"),
 ):
     """Run a backbone over a dataset and write per-layer CLS/AP tokens, one store per split."""
     from alfcache.extract import ExtractConfig, extract as run
@@ -73,7 +77,7 @@ def extract(
     cfg = ExtractConfig(model=model, dataset=dataset, splits=[s for s in split.split(",") if s], out=out,
                         fmt=format, dtype=dtype, taps=taps, batch_size=batch_size, workers=workers, device=device,
                         amp=amp, overwrite=overwrite, chunk_rows=chunk_rows, skip_corrupt=skip_corrupt,
-                        break_lock=break_lock)
+                        break_lock=break_lock, patches=patches, registers=registers)
     for r in run(cfg):
         rate = f", {r.images_per_s:.0f} img/s, loader wait {r.loader_wait_s:.1f}s" if r.status != "skipped" else ""
         typer.echo(f"{r.split}: {r.status} {r.path} (N={r.num_samples}{rate})")
@@ -129,6 +133,7 @@ def probe(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     allow_incomplete: bool = typer.Option(False, help="probe stores whose extraction did not finish"),
+    tap: Optional[str] = typer.Option(None, help="probe a module tap of a `--taps modules` store, e.g. ffn_activation"),
 ):
     """Train heads on stored tokens; write one JSON per (dataset, model, head) and a summary table."""
     from alfcache.stores import default_out
@@ -147,7 +152,8 @@ def probe(
                    f"dropout={rec['chosen']['dropout']:g}, {rec['params']:,} params)")
 
     for pair in pairs:
-        run_heads(pair, heads, grid, out, seed=seed, device=device, allow_incomplete=allow_incomplete, on_result=show)
+        run_heads(pair, heads, grid, out, seed=seed, device=device, allow_incomplete=allow_incomplete, on_result=show,
+                  tap=tap)
     _, md, rows = write_summary(out)
     typer.echo("")
     typer.echo(md.read_text())
@@ -163,13 +169,14 @@ def report(
     grid: str = typer.Option("quick", help="grid of the per-layer linear probes"),
     cka: str = typer.Option("linear", help="linear | rbf (debiased CKA kernel)"),
     layers: bool = typer.Option(True, help="run the per-layer probes + CKA (needs the stores)"),
+    modules: bool = typer.Option(True, help="for `--taps modules` stores: linear probe on every block x module"),
     seed: int = 0, device: str = "auto",
 ):
     """Per-layer accuracy + CKA plots, ALF heatmaps and tables against the paper, linked from index.md."""
-    _report(store_root, results, out, dataset, model, grid, cka, layers, seed, device)
+    _report(store_root, results, out, dataset, model, grid, cka, layers, seed, device, modules)
 
 
-def _report(store_root, results, out, dataset, model, grid, cka, layers, seed, device) -> Path:
+def _report(store_root, results, out, dataset, model, grid, cka, layers, seed, device, modules=True) -> Path:
     from alfcache.stores import default_out
     from probes.features import FeatureSet, check_compatible
     from probes.layerwise import layer_sweep
@@ -188,6 +195,14 @@ def _report(store_root, results, out, dataset, model, grid, cka, layers, seed, d
             files = layer_report(rows, d, f"{pair.dataset} x {pair.model}")
             sections["Per-layer linear probes and CKA"].append((f"{pair.dataset} x {pair.model}", files["md"]))
             sections["Per-layer linear probes and CKA"].append((f"{pair.dataset} x {pair.model} (plot)", files["png"]))
+            if modules and train.module_taps:
+                from probes.layerwise import module_sweep
+                from probes.report import module_report
+
+                mfiles = module_report(module_sweep(train, test, grid=grid, seed=seed, device=device), d,
+                                       f"{pair.dataset} x {pair.model}")
+                sections.setdefault("Module-level probes", []).extend(
+                    [(f"{pair.dataset} x {pair.model}", mfiles["md"]), (f"{pair.dataset} x {pair.model} (plot)", mfiles["png"])])
     if results.is_dir():
         for m in sorted({r["model"] for r in collect(results)}):
             files = alf_heatmap(results, m, out / "heatmaps")

@@ -11,48 +11,39 @@ import torch
 
 from .errors import AlfError
 from .registry import MODELS, lookup
+from .taps import TIMM_LAYOUT, Layout
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Backbone:
-    """A loaded model plus everything a store must record about it."""
+    """A loaded model plus everything a store must record about it, the same for timm and transformers."""
 
-    name: str  # short name, timm:<id>, or local-<folder name> for a local folder (full path in source_id)
-    source_id: str  # timm id or local-dir:<abs path>
+    name: str  # short name, timm:<id>, hf:<id>, or local-<folder name> for a local folder (path in source_id)
+    source_id: str  # timm id, local-dir:<abs path>, or hf:<id or abs path>
     model: torch.nn.Module
-    data_config: dict  # timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode)
-    pretrained: bool  # False when weights were not loaded from a pretrained source
-
-    @property
-    def depth(self) -> int:
-        return len(self.model.blocks)
-
-    @property
-    def width(self) -> int:
-        return int(self.model.embed_dim)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return int(getattr(self.model, "num_prefix_tokens", 1))
-
-    @property
-    def num_registers(self) -> int:
-        return int(getattr(self.model, "num_reg_tokens", 0))
-
-    @property
-    def num_patches(self) -> int:
-        return int(self.model.patch_embed.num_patches)
+    data_config: dict  # preprocessing facts (timm data config, or the HF image processor's settings)
+    library: str = "timm"  # timm | transformers
+    layout: Layout = TIMM_LAYOUT
+    transform_fn: object = None
+    depth: int = 0
+    width: int = 0
+    num_prefix_tokens: int = 1
+    num_registers: int = 0
+    num_patches: int = 0
 
     @property
     def tokens_per_image(self) -> int:
         return self.num_prefix_tokens + self.num_patches
 
     def transform(self):
-        import timm.data
+        return self.transform_fn
 
-        return timm.data.create_transform(**self.data_config, is_training=False)
+    def forward(self, x: torch.Tensor):
+        if self.library == "timm":
+            return self.model.forward_features(x)
+        return self.model(pixel_values=x)
 
     def fingerprint(self) -> str:
         """sha256 over the state dict (names, shapes, dtypes and bytes), independent of file layout."""
@@ -64,12 +55,23 @@ class Backbone:
         return "sha256:" + h.hexdigest()
 
     def preprocessing(self) -> dict:
-        cfg = dict(self.data_config)
-        cfg["input_size"] = list(cfg["input_size"])
-        cfg["mean"] = [float(m) for m in cfg["mean"]]
-        cfg["std"] = [float(s) for s in cfg["std"]]
-        cfg["transform"] = repr(self.transform()).replace("\n", " ")
+        cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.data_config.items()}
+        for k in ("mean", "std"):
+            if k in cfg and cfg[k] is not None:
+                cfg[k] = [float(m) for m in cfg[k]]
+        cfg["transform"] = repr(self.transform_fn).replace("\n", " ")
         return cfg
+
+
+def _timm_backbone(name: str, source_id: str, model: torch.nn.Module, data_config: dict) -> Backbone:
+    import timm.data
+
+    return Backbone(name=name, source_id=source_id, model=model, data_config=data_config, library="timm",
+                    layout=TIMM_LAYOUT, transform_fn=timm.data.create_transform(**data_config, is_training=False),
+                    depth=len(model.blocks), width=int(model.embed_dim),
+                    num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
+                    num_registers=int(getattr(model, "num_reg_tokens", 0)),
+                    num_patches=int(model.patch_embed.num_patches))
 
 
 def _is_local(name: str) -> Path | None:
@@ -100,7 +102,7 @@ def describe(name: str) -> dict:
 
 
 def load_backbone(name: str) -> Backbone:
-    """Load by short name, `timm:<id>`, `local-dir:<path>` or a plain folder path.
+    """Load by short name, `timm:<id>`, `hf:<transformers id or folder>`, `local-dir:<path>` or a folder path.
 
     Hub ids go through timm's own pretrained loading (Hugging Face hub); when the
     weights cannot be fetched the error is one line that names the model.
@@ -108,6 +110,10 @@ def load_backbone(name: str) -> Backbone:
     import timm
     import timm.data
 
+    if name.startswith("hf:"):
+        from .hf_backbones import load_hf_backbone
+
+        return load_hf_backbone(name)
     local = _is_local(name)
     overrides: dict = {}
     create_kwargs: dict = {}
@@ -135,7 +141,7 @@ def load_backbone(name: str) -> Backbone:
     model.eval()
     data_config = timm.data.resolve_data_config(args=dict(overrides), model=model)
     display = f"local-{local.resolve().name}" if local is not None else name
-    return Backbone(name=display, source_id=source_id, model=model, data_config=data_config, pretrained=True)
+    return _timm_backbone(display, source_id, model, data_config)
 
 
 def build_random_model(path: str | os.PathLike, arch: str = "vit_tiny_patch16_224", *, img_size: int = 32,

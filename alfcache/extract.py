@@ -22,6 +22,7 @@ from . import __version__
 from .backbones import Backbone, load_backbone
 from .datasets import ImageSource, dataset_slug, open_source
 from .errors import AlfError
+from .plan import free_bytes, human_bytes
 from .stores import (FORMAT, FORMAT_VERSION, chunk_rows_for, default_out, open_sink, safe_component,
                      store_lock, store_path)
 from .taps import TapCollector, resolve_taps
@@ -47,6 +48,8 @@ class ExtractConfig:
     chunk_rows: int | None = None
     skip_corrupt: bool = False
     break_lock: bool = False
+    patches: bool = False  # store every patch token of the last main layer
+    registers: bool = False  # store the register tokens of every main layer
     progress: bool = True
 
 
@@ -113,35 +116,51 @@ def _library_versions() -> dict:
             "h5py": h5py.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
-def build_metadata(bb: Backbone, source: ImageSource, plan, cfg: ExtractConfig, chunk_rows: int,
+def probe_shapes(bb: Backbone, collector: TapCollector) -> dict[str, list[int]]:
+    """Per-image shape of every array, from one forward pass on a blank image (no hand-computed widths)."""
+    x = torch.zeros(1, *bb.data_config["input_size"], device=next(bb.model.parameters()).device)
+    with collector.attached(), torch.inference_mode():
+        bb.forward(x)
+    return {k: list(v.shape[1:]) for k, v in collector.collect().items()}
+
+
+def build_metadata(bb: Backbone, source: ImageSource, plan, cfg: ExtractConfig, shapes: dict, chunk_rows: int,
                    autocast: str | None) -> dict:
-    desc = source.describe()
-    final_norm = bb.model.norm
+    n = len(source)
+    L, D = shapes["cls"]
+    layout = {
+        "cls": "(N, L, D): token 0 of each tapped layer",
+        "ap": f"(N, L, D): mean over tokens {bb.num_prefix_tokens}: (patch tokens; CLS and "
+              f"{bb.num_registers} register tokens excluded)",
+        "layers": "L = len(taps.layer_names), in model order; the last is the final norm for tap sets alf/blocks/modules",
+        "normalised": False,
+    }
+    if "patches" in shapes:
+        layout["patches"] = "(N, P, D): every patch token of the last tapped layer (no CLS, no registers)"
+    if "registers" in shapes:
+        layout["registers"] = "(N, L, R, D): the register tokens of each tapped layer"
+    if plan.module_kinds:
+        layout["modules"] = ("modules/<kind>/{cls,ap,mean} (N, blocks, width of the module): token 0, patch mean, "
+                             "mean over all tokens, for blocks 0..n-1")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": {"name": bb.name, "source_id": bb.source_id, "fingerprint": bb.fingerprint(),
-                  "pretrained_weights": not (Path(bb.source_id.removeprefix("local-dir:")) / "RANDOM_WEIGHTS.txt").exists(),
+        "model": {"name": bb.name, "source_id": bb.source_id, "library": bb.library, "fingerprint": bb.fingerprint(),
+                  "pretrained_weights": not (Path(bb.source_id.split(":", 1)[-1]) / "RANDOM_WEIGHTS.txt").exists(),
                   "depth": bb.depth, "width": bb.width, "num_prefix_tokens": bb.num_prefix_tokens,
                   "num_registers": bb.num_registers, "num_patches": bb.num_patches,
                   "params": sum(p.numel() for p in bb.model.parameters())},
         "preprocessing": bb.preprocessing(),
-        "taps": {"tap_set": plan.tap_set, "modules": plan.modules, "layer_names": plan.layer_names,
-                 "final_norm": f"norm ({type(final_norm).__name__})", "projection_applied": False,
-                 "hook": "forward hook output of each named module"},
-        "token_layout": {
-            "cls": "(N, L, D): token 0 of each tapped module's output",
-            "ap": f"(N, L, D): mean over tokens {bb.num_prefix_tokens}: (patch tokens; CLS and registers excluded)",
-            "layers": "L = len(taps.modules), in model order; last = final norm for tap sets alf/blocks",
-            "normalised": False,
-        },
+        "taps": plan.describe(),
+        "token_layout": layout,
+        "arrays": {k: {"shape": [n, *v], "dtype": cfg.dtype} for k, v in sorted(shapes.items())},
         "dtype": cfg.dtype,
-        "dataset": {"name": cfg.dataset, "fingerprint": desc["fingerprint"]},
+        "dataset": {"name": cfg.dataset, "fingerprint": source.fingerprint()},
         "split": source.split,
         "class_names": list(source.class_names),
-        "num_samples": len(source),
-        "num_layers": len(plan.modules),
-        "width": bb.width,
+        "num_samples": n,
+        "num_layers": L,
+        "width": D,
         "chunk_rows": chunk_rows,
         "extraction": {"batch_size": cfg.batch_size, "autocast": autocast, "device_type": None},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -150,18 +169,15 @@ def build_metadata(bb: Backbone, source: ImageSource, plan, cfg: ExtractConfig, 
     }
 
 
-def _check_tokens(cls: torch.Tensor, ap: torch.Tensor, dtype: str, layer_names, ids) -> None:
-    for name, t in (("cls", cls), ("ap", ap)):
+def _check_tokens(arrays: dict[str, torch.Tensor], dtype: str, plan, ids) -> None:
+    for name, t in arrays.items():
         finite = torch.isfinite(t)
         if not bool(finite.all()):
-            b, l, _ = (~finite).nonzero()[0].tolist()
-            raise AlfError(f"non-finite {name} token at layer {layer_names[l]} for sample {ids[b]}; nothing written")
-        if dtype == "float16":
-            big = t.abs().amax()
-            if float(big) > FP16_MAX:
-                l = int(t.abs().amax(dim=(0, 2)).argmax())
-                raise AlfError(f"{name} token at layer {layer_names[l]} reaches {float(big):.3g}, beyond float16; "
-                               f"rerun with --dtype float32")
+            pos = (~finite).nonzero()[0].tolist()
+            where = plan.layer_names[pos[1]] if name in ("cls", "ap", "registers") else f"index {pos[1:]}"
+            raise AlfError(f"non-finite {name} token at layer {where} for sample {ids[pos[0]]}; nothing written")
+        if dtype == "float16" and float(t.abs().amax()) > FP16_MAX:
+            raise AlfError(f"{name} tokens reach {float(t.abs().amax()):.3g}, beyond float16; rerun with --dtype float32")
 
 
 def extract(cfg: ExtractConfig) -> list[SplitResult]:
@@ -173,7 +189,12 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
     device = resolve_device(cfg.device)
     bb = load_backbone(cfg.model)
     bb.model.to(device)
-    plan = resolve_taps(bb.model, cfg.taps)
+    plan = resolve_taps(bb.model, cfg.taps, bb.layout)
+    if cfg.registers and not bb.num_registers:
+        raise AlfError(f"--registers asked for, but model '{bb.name}' has no register tokens")
+    collector = TapCollector(bb.model, plan, bb.num_prefix_tokens, patches=cfg.patches,
+                             num_registers=bb.num_registers if cfg.registers else 0)
+    shapes = probe_shapes(bb, collector)
     transform = bb.transform()
     autocast = None
     if device.type == "cuda" and cfg.amp:
@@ -181,21 +202,30 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
     out = Path(cfg.out) if cfg.out else default_out()
     model_slug = bb.name
     results = []
+    itemsize = 2 if cfg.dtype == "float16" else 4
+    row_bytes = itemsize * sum(int(np.prod(v)) for v in shapes.values())
+    rows = cfg.chunk_rows or chunk_rows_for(row_bytes)
     for source in sources:
-        itemsize = 2 if cfg.dtype == "float16" else 4
-        rows = cfg.chunk_rows or chunk_rows_for(len(plan.modules), bb.width, itemsize)
-        meta = build_metadata(bb, source, plan, cfg, rows, autocast)
+        meta = build_metadata(bb, source, plan, cfg, shapes, rows, autocast)
         meta["extraction"]["device_type"] = device.type
         path = store_path(out, dataset_slug(cfg.dataset), safe_component(model_slug), source.split, cfg.fmt)
+        need = row_bytes * len(source) * (2 if cfg.fmt == "h5" else 1)  # h5: staged chunks + final file
+        free = free_bytes(path.parent)
+        if cfg.patches or need > free:
+            log.warning("%s: estimated store size %s (free %s)", path, human_bytes(need), human_bytes(free))
+        if need > free and not path.exists():
+            raise AlfError(f"store '{path}' needs about {human_bytes(need)} but only {human_bytes(free)} is free; "
+                           f"free space, choose --out elsewhere, or drop --patches")
         try:
             with store_lock(path, break_lock=cfg.break_lock):
-                results.append(_extract_split(bb, source, plan, transform, meta, path, cfg, device, autocast))
+                results.append(_extract_split(bb, source, plan, collector, transform, meta, path, cfg, device,
+                                              autocast))
         except PermissionError as e:
             raise AlfError(f"cannot write to '{path.parent}': permission denied ({e.filename})") from None
     return results
 
 
-def _extract_split(bb, source, plan, transform, meta, path, cfg, device, autocast) -> SplitResult:
+def _extract_split(bb, source, plan, collector, transform, meta, path, cfg, device, autocast) -> SplitResult:
     sink = open_sink(path, meta, overwrite=cfg.overwrite)
     if sink is None:
         log.info("%s is complete; skipped (use --overwrite to redo)", path)
@@ -203,12 +233,11 @@ def _extract_split(bb, source, plan, transform, meta, path, cfg, device, autocas
     pending = sink.pending()
     status = "resumed" if len(pending) < sink.num_chunks else "written"
     rows, n = sink.rows, sink.n
-    dataset = _ImageDataset(source, transform, bb.data_config["input_size"])
+    dataset = _ImageDataset(source, transform, meta["preprocessing"]["input_size"])
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=_ChunkBatches(pending, rows, n, cfg.batch_size), num_workers=cfg.workers,
         pin_memory=device.type == "cuda", persistent_workers=False)
     np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
-    collector = TapCollector(bb.model, plan, bb.num_prefix_tokens)
     todo = sum(min(n, (k + 1) * rows) - k * rows for k in pending)
     bar = tqdm(total=todo, unit="img", desc=f"extract {source.split}", disable=not cfg.progress, smoothing=0.1)
     buf: dict[int, dict] = {}
@@ -228,19 +257,20 @@ def _extract_split(bb, source, plan, transform, meta, path, cfg, device, autocas
                     raise AlfError(bad[0] + " (pass --skip-corrupt to skip and record such images)")
                 x = x.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None):
-                    bb.model.forward_features(x)
-                cls, ap = collector.collect()
+                    bb.forward(x)
+                arrays = collector.collect()
                 labels = labels.numpy().copy()
                 skipped = [ids[j] for j, e in enumerate(errs) if e]
                 if skipped:
-                    mask = torch.tensor([bool(e) for e in errs], device=cls.device)
-                    cls[mask], ap[mask] = 0.0, 0.0
+                    mask = torch.tensor([bool(e) for e in errs], device=x.device)
+                    for t in arrays.values():
+                        t[mask] = 0.0
                     labels[[j for j, e in enumerate(errs) if e]] = -1
-                _check_tokens(cls, ap, cfg.dtype, plan.layer_names, ids)
+                _check_tokens(arrays, cfg.dtype, plan, ids)
                 k = int(idx[0]) // rows
-                c = buf.setdefault(k, {"cls": [], "ap": [], "labels": [], "ids": [], "skipped": [], "count": 0})
-                c["cls"].append(cls.cpu().numpy().astype(np_dtype))
-                c["ap"].append(ap.cpu().numpy().astype(np_dtype))
+                c = buf.setdefault(k, {"arrays": {}, "labels": [], "ids": [], "skipped": [], "count": 0})
+                for name, t in arrays.items():
+                    c["arrays"].setdefault(name, []).append(t.cpu().numpy().astype(np_dtype))
                 c["labels"].append(labels)
                 c["ids"] += ids
                 c["skipped"] += skipped
@@ -250,9 +280,9 @@ def _extract_split(bb, source, plan, transform, meta, path, cfg, device, autocas
                     writes = [f for f in writes if not f.done() or f.result()]
                     if len(writes) >= 2:  # bound memory: at most two chunks queued behind the model
                         writes.pop(0).result()
-                    writes.append(writer.submit(sink.write_chunk, k, np.concatenate(done["cls"]),
-                                                np.concatenate(done["ap"]), np.concatenate(done["labels"]),
-                                                done["ids"], done["skipped"]))
+                    writes.append(writer.submit(sink.write_chunk, k,
+                                                {n_: np.concatenate(v) for n_, v in done["arrays"].items()},
+                                                np.concatenate(done["labels"]), done["ids"], done["skipped"]))
                 bar.update(len(idx))
                 t_wait = time.perf_counter()
             for f in writes:

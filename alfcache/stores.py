@@ -35,7 +35,7 @@ FORMAT_VERSION = 1
 ENV_OUT = "ALF_FEATURES"
 PROGRESS = "alf_progress.json"
 # metadata keys that must agree for a rerun to continue (resume) an existing store
-IDENTITY_KEYS = ("model.source_id", "model.fingerprint", "preprocessing", "taps.modules", "dtype",
+IDENTITY_KEYS = ("model.source_id", "model.fingerprint", "preprocessing", "taps", "arrays", "dtype",
                  "dataset.name", "dataset.fingerprint", "split", "num_samples", "chunk_rows", "format_version")
 
 
@@ -56,10 +56,10 @@ def store_path(out: str | Path, dataset_slug: str, model_slug: str, split: str, 
     return Path(out) / safe_component(dataset_slug) / safe_component(model_slug) / f"{safe_component(split)}.{fmt}"
 
 
-def chunk_rows_for(num_layers: int, width: int, itemsize: int, target_bytes: int = 4 << 20) -> int:
-    """Rows per chunk so that one `cls` chunk is about `target_bytes` (several MB: kind to NFS)."""
-    rows = target_bytes // max(1, num_layers * width * itemsize)
-    return int(min(8192, max(64, rows)))
+def chunk_rows_for(row_bytes: int, target_bytes: int = 8 << 20) -> int:
+    """Rows per chunk so that one chunk of all arrays is about `target_bytes` (several MB: kind to NFS)."""
+    rows = target_bytes // max(1, row_bytes)
+    return int(min(8192, max(16, rows)))
 
 
 def _get(meta: dict, dotted: str):
@@ -84,11 +84,19 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def chunk_checksum(cls: np.ndarray, ap: np.ndarray, labels: np.ndarray) -> str:
+def chunk_checksum(arrays: dict[str, np.ndarray], labels: np.ndarray) -> str:
+    """Checksum of one chunk: every token array (sorted by name), then the labels."""
     h = hashlib.sha256()
-    for a in (cls, ap, labels):
-        h.update(np.ascontiguousarray(a).tobytes())
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
+    h.update(np.ascontiguousarray(labels).tobytes())
     return h.hexdigest()[:32]
+
+
+def array_specs(meta: dict) -> dict[str, dict]:
+    """Token arrays of a store: name -> {"shape": [N, ...], "dtype"} (all chunked along N)."""
+    return meta["arrays"]
 
 
 def disk_full_error(path: Path, detail: str) -> AlfError:
@@ -223,11 +231,13 @@ class _Sink:
         _atomic_write_text(self.progress_file, json.dumps(
             {"done": {str(k): v for k, v in sorted(self.progress.done.items())}, "skipped": self.progress.skipped}))
 
-    def write_chunk(self, k: int, cls: np.ndarray, ap: np.ndarray, labels: np.ndarray, ids: list[str],
+    def write_chunk(self, k: int, arrays: dict[str, np.ndarray], labels: np.ndarray, ids: list[str],
                     skipped: list[str]) -> None:
+        if set(arrays) != set(array_specs(self.meta)):
+            raise AlfError(f"chunk {k} has arrays {sorted(arrays)}, the store expects {sorted(array_specs(self.meta))}")
         try:
-            self._put(k, cls, ap, labels, ids)
-            self.progress.done[k] = chunk_checksum(cls, ap, labels)
+            self._put(k, arrays, labels, ids)
+            self.progress.done[k] = chunk_checksum(arrays, labels)
             self.progress.skipped += skipped
             self._save_progress()
         except OSError as e:
@@ -250,11 +260,14 @@ class ZarrSink(_Sink):
 
         super().__init__(path, meta)
         self.progress_file = path / PROGRESS
-        n, L, D = meta["num_samples"], meta["num_layers"], meta["width"]
+        n = meta["num_samples"]
         if create:
             g = zarr.open_group(str(path), mode="w")
-            for name in ("cls", "ap"):
-                g.create_array(name, shape=(n, L, D), chunks=(self.rows, L, D), dtype=meta["dtype"], fill_value=0)
+            for name, spec in array_specs(meta).items():
+                shape = tuple(spec["shape"])
+                parent, _, leaf = name.rpartition("/")
+                grp = g.require_group(parent) if parent else g
+                grp.create_array(leaf, shape=shape, chunks=(self.rows, *shape[1:]), dtype=spec["dtype"], fill_value=0)
             g.create_array("labels", shape=(n,), chunks=(self.rows,), dtype="int64", fill_value=-1)
             g.create_array("sample_ids", shape=(n,), chunks=(self.rows,), dtype=str)
             g.attrs.update(meta)
@@ -262,10 +275,10 @@ class ZarrSink(_Sink):
         self.group = zarr.open_group(str(path), mode="r+")
         self._load_progress()
 
-    def _put(self, k, cls, ap, labels, ids):
+    def _put(self, k, arrays, labels, ids):
         a, b = self.chunk_range(k)
-        self.group["cls"][a:b] = cls
-        self.group["ap"][a:b] = ap
+        for name, arr in arrays.items():
+            self.group[name][a:b] = arr
         self.group["labels"][a:b] = labels
         self.group["sample_ids"][a:b] = np.asarray(ids, dtype=str)
 
@@ -288,10 +301,11 @@ class H5Sink(_Sink):
             self._save_progress()
         self._load_progress()
 
-    def _put(self, k, cls, ap, labels, ids):
+    def _put(self, k, arrays, labels, ids):
         final = self.staging / f"chunk_{k:06d}.npz"
         tmp = self.staging / f"chunk_{k:06d}.tmp.npz"
-        np.savez(tmp, cls=cls, ap=ap, labels=labels, sample_ids=np.asarray(ids, dtype=str))
+        np.savez(tmp, labels=labels, sample_ids=np.asarray(ids, dtype=str),
+                 **{"tok:" + name.replace("/", "|"): arr for name, arr in arrays.items()})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -300,21 +314,23 @@ class H5Sink(_Sink):
         import h5py
 
         meta = self.finalize_meta()
-        n, L, D = meta["num_samples"], meta["num_layers"], meta["width"]
+        n = meta["num_samples"]
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             with h5py.File(tmp, "w") as f:
-                opts = dict(chunks=True, compression="lzf")
-                ds = {name: f.create_dataset(name, shape=(n, L, D), dtype=meta["dtype"],
-                                             **{**opts, "chunks": (min(self.rows, n), L, D)})
-                      for name in ("cls", "ap")}
+                ds = {}
+                for name, spec in array_specs(meta).items():
+                    shape = tuple(spec["shape"])
+                    ds[name] = f.create_dataset(name, shape=shape, dtype=spec["dtype"], compression="lzf",
+                                                chunks=(min(self.rows, n), *shape[1:]))
                 ds["labels"] = f.create_dataset("labels", shape=(n,), dtype="int64")
                 ds["sample_ids"] = f.create_dataset("sample_ids", shape=(n,), dtype=h5py.string_dtype())
                 for k in range(self.num_chunks):
                     a, b = self.chunk_range(k)
                     with np.load(self.staging / f"chunk_{k:06d}.npz") as z:
-                        for name in ("cls", "ap", "labels"):
-                            ds[name][a:b] = z[name]
+                        for name in array_specs(meta):
+                            ds[name][a:b] = z["tok:" + name.replace("/", "|")]
+                        ds["labels"][a:b] = z["labels"]
                         ds["sample_ids"][a:b] = z["sample_ids"].astype(object)
                 f.attrs["alfcache"] = json.dumps(meta)
                 for key in ("format", "format_version", "dtype", "split", "num_samples", "num_layers", "width"):

@@ -66,6 +66,7 @@ class FeatureSet:
     path: Path | None = None
     chunk_rows: int = 4096
     _handle: object = None
+    mean: object | None = None  # (N, L, D) mean over all tokens (module taps only)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -112,7 +113,7 @@ class FeatureSet:
             import zarr
 
             handle = zarr.open_group(str(path), mode="r")
-            arrays = {k: handle[k] for k in ("cls", "ap", "labels", "patches") if k in handle}
+            arrays = {k: handle[k] for k in ("cls", "ap", "labels", "patches", "registers") if k in handle}
         labels = np.asarray(arrays["labels"][:], dtype=np.int64)
         fs = klass(arrays["cls"], arrays["ap"], labels, list(meta["class_names"]), list(meta["taps"]["layer_names"]),
                  arrays.get("patches"), meta, path, int(meta.get("chunk_rows", 4096)), handle)
@@ -121,6 +122,30 @@ class FeatureSet:
             if fs.patches is not None:
                 fs.patches = np.asarray(fs.patches[:])
         return fs
+
+    @property
+    def module_taps(self) -> list[str]:
+        """Module kinds stored beside the main layers (tap set `modules`)."""
+        return list(self.meta.get("taps", {}).get("module_taps", {}))
+
+    def select_tap(self, kind: str) -> "FeatureSet":
+        """The same rows seen through one module tap: its cls / ap / mean arrays over all blocks."""
+        if kind in (None, "", "main"):
+            return self
+        if kind not in self.module_taps:
+            from .errors import unknown_name
+
+            raise unknown_name("tap", kind, self.module_taps or ["(store has no module taps; extract with --taps modules)"])
+        h = self._handle
+        get = (lambda n: h[f"modules/{kind}/{n}"]) if h is not None else (lambda n: self._module_arrays[kind][n])
+        cls_, ap_, mean_ = get("cls"), get("ap"), get("mean")
+        n_blocks = cls_.shape[1]
+        meta = dict(self.meta)
+        meta["num_layers"], meta["width"] = n_blocks, int(cls_.shape[2])
+        meta["taps"] = {**self.meta.get("taps", {}), "modules": self.meta["taps"]["module_taps"][kind],
+                        "layer_names": [f"block{i}.{kind}" for i in range(n_blocks)], "selected_tap": kind}
+        return FeatureSet(cls_, ap_, self.labels, self.class_names, meta["taps"]["layer_names"], None, meta,
+                          self.path, self.chunk_rows, self._handle, mean_)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -158,6 +183,8 @@ class FeatureSet:
         layers = resolve_layers(self.num_layers, spec.layers)
         parts = {k: self._read(getattr(self, k), srt, layers) for k in spec.kind_list()}
         n, D = len(rows), self.width
+        if spec.kinds == "mean" and self.mean is None:
+            raise ProbeError("token kind 'mean' (all tokens) exists for module taps only; choose a --tap")
         if spec.kinds == "cls+ap":
             out = np.empty((n, 2 * len(layers), D), dtype=np.float32)
             out[:, 0::2], out[:, 1::2] = parts["cls"], parts["ap"]

@@ -14,37 +14,57 @@ from .selection import TokenSpec
 from .train import (HeadSpec, _val_split, balanced_accuracy, predict_logits, resolve_device, resolve_grid,
                     train_configs)
 
-SWEEP = HeadSpec("per-token", "per-token", TokenSpec("all", "cls+ap"))
 
 
 def layer_sweep(train: FeatureSet, test: FeatureSet, grid="quick", seed: int = 0, device=None,
-                kernel: str = "linear", progress: bool = True) -> list[dict]:
+                kernel: str = "linear", progress: bool = True, kinds: str = "cls+ap") -> list[dict]:
     """One row per (layer, kind): chosen lr/wd, val and test balanced accuracy, CKA with the last layer."""
     g = resolve_grid(grid)
     dev = resolve_device(device)
-    names = train.token_names(SWEEP.tokens)
+    spec = HeadSpec("per-token", "per-token", TokenSpec("all", kinds))
+    per_layer = len(spec.tokens.kind_list())
+    names = train.token_names(spec.tokens)
     T = len(names)
     rows = train.rows
     tr, va = _val_split(train.labels[rows], g.val_fraction, seed)
     configs = [{"token": t, "lr": c["lr"], "wd": c["wd"], "dropout": 0.0} for t in range(T) for c in g.configs("linear")]
-    module, _ = train_configs(train, rows[tr], SWEEP, configs, g, seed=seed, device=dev, progress=progress,
+    module, _ = train_configs(train, rows[tr], spec, configs, g, seed=seed, device=dev, progress=progress,
                               desc=f"layer sweep: {len(configs)} probes")
-    val_logits, _ = predict_logits(module, train, rows[va], SWEEP, dev)
+    val_logits, _ = predict_logits(module, train, rows[va], spec, dev)
     y_val = train.labels[rows[va]]
     scores = np.array([balanced_accuracy(y_val, val_logits[i].argmax(-1)) for i in range(len(configs))])
     best = [max((i for i in range(len(configs)) if configs[i]["token"] == t), key=lambda i: scores[i]) for t in range(T)]
     winners = [configs[i] for i in best]
-    final, _ = train_configs(train, rows, SWEEP, winners, g, seed=seed, device=dev, progress=progress,
+    final, _ = train_configs(train, rows, spec, winners, g, seed=seed, device=dev, progress=progress,
                              desc="layer sweep: retrain winners")
-    test_logits, _ = predict_logits(final, test, test.rows, SWEEP, dev)
+    test_logits, _ = predict_logits(final, test, test.rows, spec, dev)
     y_test = test.labels[test.rows]
-    raw = test.tokens(test.rows, TokenSpec("all", "cls+ap", normalise=False))
+    raw = test.tokens(test.rows, TokenSpec("all", kinds, normalise=False))
     out = []
     for t, name in enumerate(names):
         layer, kind = name.rsplit(":", 1)
-        last = T - 2 if kind == "cls" else T - 1
-        out.append({"token": name, "layer": layer, "layer_index": t // 2 + 1, "kind": kind,
+        last = T - per_layer + t % per_layer
+        out.append({"token": name, "layer": layer, "layer_index": t // per_layer + 1, "kind": kind,
                     "lr": winners[t]["lr"], "wd": winners[t]["wd"], "val_balanced_accuracy": float(scores[best[t]]),
                     "test_balanced_accuracy": balanced_accuracy(y_test, test_logits[t].argmax(-1)),
                     f"cka_{kernel}_with_last": cka(raw[:, t], raw[:, last], kernel=kernel)})
     return out
+
+
+def module_sweep(train: FeatureSet, test: FeatureSet, pool: str = "mean", grid="quick", seed: int = 0, device=None,
+                 progress: bool = True) -> list[dict]:
+    """Linear probe on every (block, module) of a `--taps modules` store (Odonnat et al.'s picture):
+    one row per block with the test balanced accuracy of each module and the best module."""
+    kinds = train.module_taps
+    if not kinds:
+        from .errors import ProbeError
+
+        raise ProbeError("the store has no module taps; extract with --taps modules")
+    per_module = {k: layer_sweep(train.select_tap(k), test.select_tap(k), grid=grid, seed=seed, device=device,
+                                 progress=progress, kinds=pool) for k in kinds}
+    rows = []
+    for b in range(len(per_module[kinds[0]])):
+        row = {"block": b, **{k: round(per_module[k][b]["test_balanced_accuracy"], 2) for k in kinds}}
+        row["best_module"] = max(kinds, key=lambda k: row[k])
+        rows.append(row)
+    return rows

@@ -62,6 +62,29 @@ def layer_report(rows: list[dict], out_dir: Path, title: str) -> dict[str, Path]
     return {"png": png, "md": md, "csv": out_dir / "layers.csv"}
 
 
+def module_report(rows: list[dict], out_dir: Path, title: str) -> dict[str, Path]:
+    """Blocks x modules accuracy (the module study's picture): heatmap PNG + markdown + CSV."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kinds = [k for k in rows[0] if k not in ("block", "best_module")]
+    mat = np.array([[r[k] for k in kinds] for r in rows])
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 2))
+    im = ax.imshow(mat, aspect="auto", cmap="magma")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [f"block {r['block']}" for r in rows], fontsize=8)
+    ax.set_title(f"linear probe (mean token) per block and module\n{title}", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04, label="test balanced accuracy (%)")
+    fig.tight_layout()
+    png = out_dir / "modules.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    _write_csv(out_dir / "modules.csv", rows)
+    md = out_dir / "modules.md"
+    md.write_text(f"# {title}: linear probe per block and module\n\n![modules](modules.png)\n\n"
+                  + markdown_table(rows, ["block"] + kinds + ["best_module"]))
+    return {"png": png, "md": md, "csv": out_dir / "modules.csv"}
+
+
 def attention_matrix(results: Path, model: str, head: str = "alf") -> tuple[list[str], list[str], np.ndarray]:
     """Rows = datasets, columns = tokens: mean attention (over heads and test images) of `head`."""
     datasets, tokens, mat = [], None, []

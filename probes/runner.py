@@ -57,10 +57,11 @@ def discover(store_root: str | Path, dataset: str | None = None, model: str | No
 
 
 def run_heads(pair: StorePair, heads: list[str], grid: str | dict, out: Path, *, seed: int = 0, device=None,
-              allow_incomplete: bool = False, progress: bool = True, on_result=None) -> list[dict]:
+              allow_incomplete: bool = False, progress: bool = True, on_result=None, tap: str | None = None) -> list[dict]:
     train = FeatureSet.open(pair.train, allow_incomplete=allow_incomplete)
     test = FeatureSet.open(pair.test, allow_incomplete=allow_incomplete)
     check_compatible(train, test)
+    train, test = train.select_tap(tap), test.select_tap(tap)
     if heads == ["all"]:
         heads = supported_heads(train)
     for h in heads:
@@ -73,14 +74,15 @@ def run_heads(pair: StorePair, heads: list[str], grid: str | dict, out: Path, *,
         t0 = time.perf_counter()
         probe = fit(train, h, grid=grid, seed=seed, device=device, progress=progress)
         rec = dict(probe.record)
-        rec.update({"dataset": pair.dataset, "model": pair.model, "grid_name": grid if isinstance(grid, str) else "custom",
+        name = h if not tap else f"{h}@{tap}"
+        rec.update({"dataset": pair.dataset, "model": pair.model, "head": name, "tap": tap or "main", "grid_name": grid if isinstance(grid, str) else "custom",
                     "train_store": str(pair.train), "test_store": str(pair.test),
                     "weights_fingerprint": train.meta.get("model", {}).get("fingerprint"),
                     "pretrained_weights": train.meta.get("model", {}).get("pretrained_weights"),
                     "test_balanced_accuracy": probe.balanced_accuracy(test), "test_top1": probe.top1(test),
                     "n_test": len(test), "token_names": probe.token_names, "wall_seconds": time.perf_counter() - t0})
         att = probe.attention(test) if head_spec(h).kind == "attention" else None
-        path = write_result(out, pair.dataset, pair.model, h, rec, att, probe.token_names)
+        path = write_result(out, pair.dataset, pair.model, name, rec, att, probe.token_names)
         probe.save(path.with_name(path.stem + "_probe"))
         records.append(rec)
         if on_result:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from .errors import ProbeError
 
 LAYER_SPECS = ("all", "last", "middle+last", "quarterly")
-KINDS = ("cls", "ap", "cls+ap")
+KINDS = ("cls", "ap", "mean", "cls+ap")
 
 
 def resolve_layers(num_layers: int, spec: str | list[int] | tuple[int, ...]) -> list[int]:
@@ -42,7 +42,7 @@ def resolve_layers(num_layers: int, spec: str | list[int] | tuple[int, ...]) -> 
 @dataclass(frozen=True)
 class TokenSpec:
     layers: str | tuple[int, ...] = "all"
-    kinds: str = "cls+ap"  # cls | ap | cls+ap
+    kinds: str = "cls+ap"  # cls | ap | mean (all tokens; module taps) | cls+ap
     patches: bool = False  # append the last layer's patch tokens (needs `patches` in the feature set)
     normalise: bool = True
 

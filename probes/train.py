@@ -43,7 +43,7 @@ class HeadSpec:
     name: str
     kind: str  # linear | attention
     tokens: TokenSpec
-    num_heads: int | None = None  # attention heads; None = one per token (ALF)
+    num_heads: int | None = None  # attention heads; None = one per layer token (ALF: 2L; patches not counted)
 
 
 def _alf(name, layers):
@@ -76,13 +76,17 @@ def supported_heads(fs: FeatureSet) -> list[str]:
 
 
 def build_head(spec: HeadSpec, G: int, num_tokens: int, width: int, num_classes: int,
-               dropout: torch.Tensor | None, seed: int, token_index: torch.Tensor | None = None):
+               dropout: torch.Tensor | None, seed: int, token_index: torch.Tensor | None = None,
+               num_patches: int = 0):
     torch.manual_seed(seed)
     if spec.kind == "linear":
         return LinearHead(G, num_tokens, width, num_classes)
     if spec.kind == "per-token":
         return PerTokenLinearHead(G, num_tokens, width, num_classes, token_index)
-    return AttentionPoolHead(G, num_tokens, width, num_classes, spec.num_heads or num_tokens, dropout)
+    heads = spec.num_heads or num_tokens - (num_patches if spec.tokens.patches else 0)
+    if width // heads < 1:
+        raise ProbeError(f"head '{spec.name}': width {width} is too narrow for {heads} attention heads")
+    return AttentionPoolHead(G, num_tokens, width, num_classes, heads, dropout)
 
 
 # ------------------------------------------------------------------------------------------- grids
@@ -219,7 +223,7 @@ def train_configs(fs: FeatureSet, rows: np.ndarray, spec: HeadSpec, configs: lis
         raise ProbeError("training data holds fewer than 2 classes")
     dropout = torch.tensor([c["dropout"] for c in configs])
     tokens = torch.tensor([c.get("token", 0) for c in configs])
-    module = build_head(spec, G, T, D, C, dropout, seed, tokens).to(device)
+    module = build_head(spec, G, T, D, C, dropout, seed, tokens, fs.num_patches).to(device)
     module.train()
     lr = torch.tensor([c["lr"] for c in configs], device=device)
     wd = torch.tensor([c["wd"] for c in configs], device=device)
@@ -331,6 +335,8 @@ class FittedProbe:
         spec = HeadSpec(h["name"], h["kind"], TokenSpec(**{**h["tokens"], "layers": _tup(h["tokens"]["layers"])}),
                         h["num_heads"])
         m = cfg["module"]
+        if spec.kind == "attention":
+            spec = replace(spec, num_heads=m["num_heads"])
         module = build_head(spec, 1, m["num_tokens"], m["width"], m["num_classes"],
                             torch.tensor([cfg["chosen"]["dropout"]]), 0)
         module.load_state_dict(load_file(str(path.with_suffix(".safetensors"))))

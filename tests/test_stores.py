@@ -84,12 +84,14 @@ def test_memory_mapped_open_reads_only_what_is_asked(tmp_path):
     n, L, D, rows = 8192, 12, 512, 512
     meta = {"format": "alfcache-store", "format_version": 1, "num_samples": n, "num_layers": L, "width": D,
             "dtype": "float16", "chunk_rows": rows, "class_names": ["a", "b"], "complete": False,
+            "arrays": {k: {"shape": [n, L, D], "dtype": "float16"} for k in ("cls", "ap")},
             "taps": {"layer_names": [f"l{i}" for i in range(L)], "modules": []}}
     sink = ZarrSink(tmp_path / "big.zarr", meta, create=True)
     rng = np.random.default_rng(0)
     for k in range(n // rows):
         blk = rng.standard_normal((rows, L, D), dtype=np.float32).astype(np.float16)
-        sink.write_chunk(k, blk, blk, (np.arange(rows) % 2).astype(np.int64), [str(i) for i in range(rows)], [])
+        sink.write_chunk(k, {"cls": blk, "ap": blk}, (np.arange(rows) % 2).astype(np.int64),
+                         [str(i) for i in range(rows)], [])
     sink.finalize()
     del sink, blk
     store_bytes = 2 * n * L * D * 2
