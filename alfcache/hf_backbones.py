@@ -9,18 +9,39 @@ import torch
 from .errors import AlfError
 from .taps import Layout
 
-LAYOUTS = {
-    "vit": Layout("encoder.layer", "layernorm_before", "attention", "layernorm_after", "intermediate.dense",
-                  "intermediate.intermediate_act_fn", "output.dense", "layernorm"),
-    "dinov2": Layout("encoder.layer", "norm1", "attention", "norm2", "mlp.fc1", "mlp.activation", "mlp.fc2",
-                     "layernorm"),
+SUPPORTED = ("vit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model")
+# module names differ across transformers versions (e.g. 4.x `encoder.layer.i.intermediate.dense`,
+# 5.x `layers.i.mlp.fc1`): the layout is read off the model's own module names
+_CANDIDATES = {
+    "blocks": ("encoder.layer", "encoder.layers", "layers", "vision_model.encoder.layers"),
+    "norm1": ("layernorm_before", "norm1", "layer_norm1"),
+    "attn": ("attention", "self_attn"),
+    "norm2": ("layernorm_after", "norm2", "layer_norm2"),
+    "fc1": ("mlp.fc1", "intermediate.dense"),
+    "act": ("mlp.activation_fn", "mlp.activation", "intermediate.intermediate_act_fn", "mlp.act"),
+    "fc2": ("mlp.fc2", "output.dense"),
+    "final": ("layernorm", "post_layernorm", "vision_model.post_layernorm"),
+}
+
+
+def detect_layout(model: torch.nn.Module) -> Layout:
+    names = dict(model.named_modules())
+
+    def first(key, prefix=""):
+        for c in _CANDIDATES[key]:
+            if prefix + c in names:
+                return c
+        raise AlfError(f"cannot find the {key} module of this {type(model).__name__} "
+                       f"(looked for {', '.join(_CANDIDATES[key])})")
+
+    blocks = first("blocks")
+    b0 = f"{blocks}.0."
+    final = first("final")
     # transformers' CLIP applies post_layernorm to the pooled CLS only; we apply it to every token of the
     # encoder's output, as timm and OpenCLIP do, so AP of the final layer is defined the same way
-    "clip": Layout("vision_model.encoder.layers", "layer_norm1", "self_attn", "layer_norm2", "mlp.fc1",
-                   "mlp.activation_fn", "mlp.fc2", "vision_model.post_layernorm", final_on="vision_model.encoder"),
-}
-LAYOUTS["dinov2_with_registers"] = LAYOUTS["dinov2"]
-LAYOUTS["clip_vision_model"] = LAYOUTS["clip"]
+    final_on = blocks.rsplit(".", 1)[0] if "post_layernorm" in final else None
+    return Layout(blocks, first("norm1", b0), first("attn", b0), first("norm2", b0), first("fc1", b0),
+                  first("act", b0), first("fc2", b0), final, final_on=final_on)
 
 
 class ProcessorTransform:
@@ -47,8 +68,8 @@ def load_hf_backbone(name: str):
     try:
         config = AutoConfig.from_pretrained(ident)
         kind = config.model_type
-        if kind not in LAYOUTS:
-            raise AlfError(f"model '{name}' is a transformers '{kind}' model; supported: {', '.join(sorted(LAYOUTS))}")
+        if kind not in SUPPORTED:
+            raise AlfError(f"model '{name}' is a transformers '{kind}' model; supported: {', '.join(SUPPORTED)}")
         cls = CLIPVisionModel if kind.startswith("clip") else AutoModel
         model = cls.from_pretrained(ident)
         processor = AutoImageProcessor.from_pretrained(ident)
@@ -60,7 +81,7 @@ def load_hf_backbone(name: str):
         raise AlfError(f"could not fetch weights for model '{name}' {where}: {reason}") from None
     model.eval()
     vcfg = getattr(model.config, "vision_config", model.config)
-    layout = LAYOUTS[kind]
+    layout = detect_layout(model)
     regs = int(getattr(vcfg, "num_register_tokens", 0) or 0)
     transform = ProcessorTransform(processor)
     size = transform(_blank()).shape[-2:]
