@@ -80,6 +80,8 @@ def extract(
                         break_lock=break_lock, patches=patches, registers=registers)
     for r in run(cfg):
         rate = f", {r.images_per_s:.0f} img/s, loader wait {r.loader_wait_s:.1f}s" if r.status != "skipped" else ""
+        if r.status == "resumed":
+            rate += f", {r.chunks_done_before} of {r.chunks_total} chunks were already durable"
         typer.echo(f"{r.split}: {r.status} {r.path} (N={r.num_samples}{rate})")
 
 
@@ -134,6 +136,7 @@ def probe(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     allow_incomplete: bool = typer.Option(False, help="probe stores whose extraction did not finish"),
     tap: Optional[str] = typer.Option(None, help="probe a module tap of a `--taps modules` store, e.g. ffn_activation"),
+    verify: bool = typer.Option(True, help="check every chunk's checksum before training"),
 ):
     """Train heads on stored tokens; write one JSON per (dataset, model, head) and a summary table."""
     from alfcache.stores import default_out
@@ -153,11 +156,20 @@ def probe(
 
     for pair in pairs:
         run_heads(pair, heads, grid, out, seed=seed, device=device, allow_incomplete=allow_incomplete, on_result=show,
-                  tap=tap)
+                  tap=tap, verify=verify)
     _, md, rows = write_summary(out)
     typer.echo("")
     typer.echo(md.read_text())
     typer.echo(f"results in {out}/ (summary.md, summary.csv, one JSON per head)")
+
+
+@app.command()
+def verify(stores: list[Path] = typer.Argument(..., help="store paths (.zarr folders or .h5 files)")):
+    """Re-read every chunk of each store and check it against the checksums recorded at extraction."""
+    from probes.features import verify_store
+
+    for p in stores:
+        typer.echo(f"{p}: ok ({verify_store(p)} chunks)")
 
 
 @app.command()

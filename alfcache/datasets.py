@@ -139,6 +139,10 @@ class ImageFolderSource(ImageSource):
             raise AlfError(f"image folder '{root}' has no class folders")
         if not files:
             raise AlfError(f"split '{split}' of '{root}' holds no images")
+        empty = [c for i, c in enumerate(classes) if not np.any(np.asarray(labels) == i)]
+        if empty and split == "train":
+            raise AlfError(f"class{'es' if len(empty) > 1 else ''} {', '.join(repr(c) for c in empty)} of '{root}' "
+                           f"{'have' if len(empty) > 1 else 'has'} no images in split 'train'")
         self.class_names = classes
         self._files = files
         self._base = base

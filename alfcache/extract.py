@@ -23,7 +23,7 @@ from .backbones import Backbone, load_backbone
 from .datasets import ImageSource, dataset_slug, open_source
 from .errors import AlfError
 from .plan import free_bytes, human_bytes
-from .stores import (FORMAT, FORMAT_VERSION, chunk_rows_for, default_out, open_sink, safe_component,
+from .stores import (FORMAT, FORMAT_VERSION, chunk_rows_for, default_out, open_sink, os_error, safe_component,
                      store_lock, store_path)
 from .taps import TapCollector, resolve_taps
 
@@ -62,6 +62,8 @@ class SplitResult:
     seconds: float = 0.0
     images_per_s: float = 0.0
     loader_wait_s: float = 0.0
+    chunks_done_before: int = 0  # chunks already durable when this run started (resume)
+    chunks_total: int = 0
 
 
 class _ImageDataset(torch.utils.data.Dataset):
@@ -220,8 +222,11 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
             with store_lock(path, break_lock=cfg.break_lock):
                 results.append(_extract_split(bb, source, plan, collector, transform, meta, path, cfg, device,
                                               autocast))
-        except PermissionError as e:
-            raise AlfError(f"cannot write to '{path.parent}': permission denied ({e.filename})") from None
+        except OSError as e:
+            err = os_error(path, e)
+            if err is None:
+                raise
+            raise err from None
     return results
 
 
@@ -293,4 +298,5 @@ def _extract_split(bb, source, plan, collector, transform, meta, path, cfg, devi
         raise AlfError(f"extraction of '{path}' ended with chunks missing: {sink.pending()[:5]}")
     sink.finalize()
     secs = time.perf_counter() - t0
-    return SplitResult(source.split, path, status, n, secs, todo / max(secs, 1e-9), wait)
+    return SplitResult(source.split, path, status, n, secs, todo / max(secs, 1e-9), wait,
+                       sink.num_chunks - len(pending), sink.num_chunks)

@@ -77,15 +77,30 @@ def identity_mismatch(old: dict, new: dict) -> list[str]:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def os_error(path: Path, e: OSError) -> AlfError | None:
+    """The one-line error for an OS-level write failure, or None if it is not one we explain."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return disk_full_error(path, e.strerror or "no space left")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return AlfError(f"cannot write to '{e.filename or path}': {e.strerror} (choose another --out)")
+    return None
 
 
 def chunk_checksum(arrays: dict[str, np.ndarray], labels: np.ndarray) -> str:
-    """Checksum of one chunk: every token array (sorted by name), then the labels."""
+    """Checksum of one chunk (format spec, also implemented by probes.features.chunk_checksum):
+    sha256 over, for every token array sorted by name, its name (utf-8) then its C-order bytes; then the
+    int64 labels' bytes; first 32 hex digits."""
     h = hashlib.sha256()
     for name in sorted(arrays):
         h.update(name.encode())
@@ -115,7 +130,13 @@ def store_lock(path: Path, break_lock: bool = False):
 
     log = logging.getLogger(__name__)
     lock = path.with_name(path.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err = os_error(lock.parent, e)
+        if err is None:
+            raise
+        raise err from None
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
     for _ in range(2):
         try:
@@ -131,8 +152,11 @@ def store_lock(path: Path, break_lock: bool = False):
                 continue
             raise AlfError(f"store '{path}' is being written by pid {holder.get('pid')} on {holder.get('host')} "
                            f"since {holder.get('since')}; wait for it, or pass --break-lock if that process is gone")
-        except PermissionError:
-            raise AlfError(f"cannot write to '{lock.parent}': permission denied") from None
+        except OSError as e:
+            err = os_error(lock.parent, e)
+            if err is None:
+                raise
+            raise err from None
         else:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
@@ -243,7 +267,10 @@ class _Sink:
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise disk_full_error(self.path, f"chunk {k}") from None
-            raise
+            err = os_error(self.path, e)
+            if err is None:
+                raise
+            raise err from None
 
     def finalize_meta(self) -> dict:
         meta = dict(self.meta)

@@ -223,6 +223,54 @@ class FeatureSet:
             self._handle.close()
 
 
+def chunk_checksum(arrays: dict, labels: np.ndarray) -> str:
+    """The store format's chunk checksum (same definition as the writer's): sha256 over every token array
+    sorted by name (name utf-8, then C-order bytes), then the int64 labels; first 32 hex digits."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:32]
+
+
+def verify_store(path: str | Path, progress: bool = False) -> int:
+    """Re-read every chunk of a complete store and compare its checksum; name the first bad chunk.
+    Returns the number of chunks checked."""
+    path = Path(path)
+    meta = store_metadata(path)
+    sums = meta.get("chunk_checksums")
+    if not meta.get("complete") or sums is None:
+        raise ProbeError(f"store '{path}' is incomplete; it cannot be verified until its extraction finishes")
+    if path.suffix == ".h5":
+        import h5py
+
+        handle = h5py.File(path, "r")
+    else:
+        import zarr
+
+        handle = zarr.open_group(str(path), mode="r")
+    rows, n = int(meta["chunk_rows"]), int(meta["num_samples"])
+    try:
+        for k, expected in enumerate(sums):
+            a, b = k * rows, min(n, (k + 1) * rows)
+            try:
+                arrays = {name: np.asarray(handle[name][a:b]) for name in meta["arrays"]}
+                labels = np.asarray(handle["labels"][a:b])
+            except Exception as e:
+                raise ProbeError(f"store '{path}': chunk {k} (rows {a}-{b - 1}) cannot be read "
+                                 f"({type(e).__name__}); it is corrupted - re-extract with --overwrite") from None
+            if chunk_checksum(arrays, labels) != expected:
+                raise ProbeError(f"store '{path}': chunk {k} (rows {a}-{b - 1}) fails its checksum; the data "
+                                 f"was changed or corrupted on disk - re-extract with --overwrite")
+    finally:
+        if hasattr(handle, "close"):
+            handle.close()
+    return len(sums)
+
+
 def check_compatible(train: FeatureSet, test: FeatureSet) -> None:
     """Refuse train/test feature sets that do not fit together, naming the mismatch."""
     bad = []

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ProbeError, unknown_name
-from .features import FeatureSet, check_compatible, store_metadata
+from .features import FeatureSet, check_compatible, store_metadata, verify_store
 from .results import write_result
 from .train import HEADS, fit, head_spec, supported_heads
 
@@ -57,7 +57,11 @@ def discover(store_root: str | Path, dataset: str | None = None, model: str | No
 
 
 def run_heads(pair: StorePair, heads: list[str], grid: str | dict, out: Path, *, seed: int = 0, device=None,
-              allow_incomplete: bool = False, progress: bool = True, on_result=None, tap: str | None = None) -> list[dict]:
+              allow_incomplete: bool = False, progress: bool = True, on_result=None, tap: str | None = None,
+              verify: bool = True) -> list[dict]:
+    if verify and not allow_incomplete:
+        for p in (pair.train, pair.test):
+            verify_store(p)
     train = FeatureSet.open(pair.train, allow_incomplete=allow_incomplete)
     test = FeatureSet.open(pair.test, allow_incomplete=allow_incomplete)
     check_compatible(train, test)
