@@ -70,6 +70,8 @@ def extract(
     patches: bool = typer.Option(False, help="also store every patch token of the last layer (large; for the "
                                              "attentive and alf-patches heads)"),
     registers: bool = typer.Option(False, help="also store the register tokens of every layer"),
+    distributed: bool = typer.Option(False, help="one rank of a torchrun job: ranks write disjoint chunks of one "
+                                                 "store (automatic when WORLD_SIZE > 1)"),
 ):
     """Run a backbone over a dataset and write per-layer CLS/AP tokens, one store per split."""
     from alfcache.extract import ExtractConfig, extract as run
@@ -77,7 +79,7 @@ def extract(
     cfg = ExtractConfig(model=model, dataset=dataset, splits=[s for s in split.split(",") if s], out=out,
                         fmt=format, dtype=dtype, taps=taps, batch_size=batch_size, workers=workers, device=device,
                         amp=amp, overwrite=overwrite, chunk_rows=chunk_rows, skip_corrupt=skip_corrupt,
-                        break_lock=break_lock, patches=patches, registers=registers)
+                        break_lock=break_lock, patches=patches, registers=registers, distributed=distributed)
     for r in run(cfg):
         rate = f", {r.images_per_s:.0f} img/s, loader wait {r.loader_wait_s:.1f}s" if r.status != "skipped" else ""
         if r.status == "resumed":

@@ -23,8 +23,8 @@ from .backbones import Backbone, load_backbone
 from .datasets import ImageSource, dataset_slug, open_source
 from .errors import AlfError
 from .plan import free_bytes, human_bytes
-from .stores import (FORMAT, FORMAT_VERSION, chunk_rows_for, default_out, open_sink, os_error, safe_component,
-                     store_lock, store_path)
+from .stores import (FORMAT, FORMAT_VERSION, attach_sink, chunk_rows_for, default_out, open_sink, os_error,
+                     safe_component, store_lock, store_path)
 from .taps import TapCollector, resolve_taps
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class ExtractConfig:
     chunk_rows: int | None = None
     skip_corrupt: bool = False
     break_lock: bool = False
+    distributed: bool = False  # torch.distributed: ranks take disjoint chunks (also on when WORLD_SIZE > 1)
     patches: bool = False  # store every patch token of the last main layer
     registers: bool = False  # store the register tokens of every main layer
     progress: bool = True
@@ -182,6 +183,36 @@ def _check_tokens(arrays: dict[str, torch.Tensor], dtype: str, plan, ids) -> Non
             raise AlfError(f"{name} tokens reach {float(t.abs().amax()):.3g}, beyond float16; rerun with --dtype float32")
 
 
+class Dist:
+    """torch.distributed helpers; a single process is rank 0 of 1 and every call is a no-op."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        import os
+
+        import torch.distributed as td
+
+        self.td = td
+        self.on = enabled or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.on and not td.is_initialized():
+            import datetime
+
+            td.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+        self.rank = td.get_rank() if self.on else 0
+        self.world = td.get_world_size() if self.on else 1
+
+    def barrier(self):
+        if self.on:
+            self.td.barrier()
+
+    def share(self, obj):
+        """Rank 0's value of `obj` on every rank."""
+        if not self.on:
+            return obj
+        box = [obj]
+        self.td.broadcast_object_list(box, src=0)
+        return box[0]
+
+
 def extract(cfg: ExtractConfig) -> list[SplitResult]:
     if cfg.dtype not in ("float16", "float32"):
         raise AlfError(f"unknown dtype '{cfg.dtype}' (known: float16, float32)")
@@ -189,6 +220,9 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
         raise AlfError("--batch-size must be at least 1")
     sources = [open_source(cfg.dataset, s) for s in cfg.splits]  # validate names before loading a model
     device = resolve_device(cfg.device)
+    dist = Dist(cfg.distributed, device)
+    if dist.on and device.type == "cuda":
+        device = torch.device("cuda", dist.rank % torch.cuda.device_count())
     bb = load_backbone(cfg.model)
     bb.model.to(device)
     plan = resolve_taps(bb.model, cfg.taps, bb.layout)
@@ -219,9 +253,13 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
             raise AlfError(f"store '{path}' needs about {human_bytes(need)} but only {human_bytes(free)} is free; "
                            f"free space, choose --out elsewhere, or drop --patches")
         try:
-            with store_lock(path, break_lock=cfg.break_lock):
+            if dist.rank == 0:
+                with store_lock(path, break_lock=cfg.break_lock):  # rank 0 holds it for the whole job
+                    results.append(_extract_split(bb, source, plan, collector, transform, meta, path, cfg, device,
+                                                  autocast, dist))
+            else:
                 results.append(_extract_split(bb, source, plan, collector, transform, meta, path, cfg, device,
-                                              autocast))
+                                              autocast, dist))
         except OSError as e:
             err = os_error(path, e)
             if err is None:
@@ -230,13 +268,19 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
     return results
 
 
-def _extract_split(bb, source, plan, collector, transform, meta, path, cfg, device, autocast) -> SplitResult:
-    sink = open_sink(path, meta, overwrite=cfg.overwrite)
-    if sink is None:
+def _extract_split(bb, source, plan, collector, transform, meta, path, cfg, device, autocast,
+                   dist: Dist) -> SplitResult:
+    sink = open_sink(path, meta, overwrite=cfg.overwrite, world=dist.world) if dist.rank == 0 else None
+    skip = dist.share(sink is None)
+    if skip:
         log.info("%s is complete; skipped (use --overwrite to redo)", path)
         return SplitResult(source.split, path, "skipped", len(source))
-    pending = sink.pending()
-    status = "resumed" if len(pending) < sink.num_chunks else "written"
+    dist.barrier()  # the store exists (created or resumed by rank 0)
+    if dist.rank > 0:
+        sink = attach_sink(path, dist.rank, dist.world)
+    all_pending = sink.pending()
+    pending = [k for k in all_pending if k % dist.world == dist.rank]  # disjoint, chunk-aligned shares
+    status = "resumed" if len(all_pending) < sink.num_chunks else "written"
     rows, n = sink.rows, sink.n
     dataset = _ImageDataset(source, transform, meta["preprocessing"]["input_size"])
     loader = torch.utils.data.DataLoader(
@@ -244,7 +288,8 @@ def _extract_split(bb, source, plan, collector, transform, meta, path, cfg, devi
         pin_memory=device.type == "cuda", persistent_workers=False)
     np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
     todo = sum(min(n, (k + 1) * rows) - k * rows for k in pending)
-    bar = tqdm(total=todo, unit="img", desc=f"extract {source.split}", disable=not cfg.progress, smoothing=0.1)
+    desc = f"extract {source.split}" + (f" [rank {dist.rank}/{dist.world}]" if dist.on else "")
+    bar = tqdm(total=todo, unit="img", desc=desc, disable=not cfg.progress, smoothing=0.1)
     buf: dict[int, dict] = {}
     writes: list[Future] = []
     t0 = time.perf_counter()
@@ -294,9 +339,13 @@ def _extract_split(bb, source, plan, collector, transform, meta, path, cfg, devi
                 f.result()
     finally:
         bar.close()
-    if sink.pending():
-        raise AlfError(f"extraction of '{path}' ended with chunks missing: {sink.pending()[:5]}")
-    sink.finalize()
+    dist.barrier()  # every rank's chunks are durable
+    if dist.rank == 0:
+        sink.reload()
+        if sink.pending():
+            raise AlfError(f"extraction of '{path}' ended with chunks missing: {sink.pending()[:5]}")
+        sink.finalize()
+    dist.barrier()
     secs = time.perf_counter() - t0
     return SplitResult(source.split, path, status, n, secs, todo / max(secs, 1e-9), wait,
-                       sink.num_chunks - len(pending), sink.num_chunks)
+                       sink.num_chunks - len(all_pending), sink.num_chunks)

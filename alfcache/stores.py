@@ -233,12 +233,17 @@ class _Sink:
 
     progress_file: Path
 
-    def __init__(self, path: Path, meta: dict):
+    def __init__(self, path: Path, meta: dict, rank: int = 0, world: int = 1):
         self.path, self.meta = path, meta
+        self.rank, self.world = rank, world
         self.n = meta["num_samples"]
         self.rows = meta["chunk_rows"]
         self.num_chunks = (self.n + self.rows - 1) // self.rows
         self.progress = Progress({}, [])
+
+    def _progress_name(self) -> str:
+        # one manifest per writer: ranks of a distributed run never write the same file
+        return PROGRESS if self.world == 1 else f"alf_progress.rank{self.rank}.json"
 
     def chunk_range(self, k: int) -> tuple[int, int]:
         return k * self.rows, min(self.n, (k + 1) * self.rows)
@@ -246,14 +251,33 @@ class _Sink:
     def pending(self) -> list[int]:
         return [k for k in range(self.num_chunks) if k not in self.progress.done]
 
+    def _progress_files(self) -> list[Path]:
+        return sorted(self.progress_file.parent.glob("alf_progress*.json"))
+
     def _load_progress(self) -> None:
-        if self.progress_file.is_file():
-            raw = json.loads(self.progress_file.read_text())
-            self.progress = Progress({int(k): v for k, v in raw["done"].items()}, raw.get("skipped", []))
+        """Merge every writer's manifest: a chunk is done if any writer recorded it."""
+        done, skipped, mine = {}, [], {}
+        for f in self._progress_files():
+            raw = json.loads(f.read_text())
+            part = {int(k): v for k, v in raw["done"].items()}
+            done.update(part)
+            skipped += raw.get("skipped", [])
+            if f == self.progress_file:
+                mine = part
+        self.progress = Progress(done, sorted(set(skipped)))
+        self._mine = dict(mine) if self.world > 1 else done
+
+    def reload(self) -> None:
+        self._load_progress()
 
     def _save_progress(self) -> None:
+        own = self._mine if self.world > 1 else self.progress.done
         _atomic_write_text(self.progress_file, json.dumps(
-            {"done": {str(k): v for k, v in sorted(self.progress.done.items())}, "skipped": self.progress.skipped}))
+            {"done": {str(k): v for k, v in sorted(own.items())}, "skipped": self.progress.skipped}))
+
+    def _remove_progress(self) -> None:
+        for f in self._progress_files():
+            f.unlink(missing_ok=True)
 
     def write_chunk(self, k: int, arrays: dict[str, np.ndarray], labels: np.ndarray, ids: list[str],
                     skipped: list[str]) -> None:
@@ -262,6 +286,8 @@ class _Sink:
         try:
             self._put(k, arrays, labels, ids)
             self.progress.done[k] = chunk_checksum(arrays, labels)
+            if self.world > 1:
+                self._mine[k] = self.progress.done[k]
             self.progress.skipped += skipped
             self._save_progress()
         except OSError as e:
@@ -282,11 +308,12 @@ class _Sink:
 
 
 class ZarrSink(_Sink):
-    def __init__(self, path: Path, meta: dict, *, create: bool):
+    def __init__(self, path: Path, meta: dict, *, create: bool, rank: int = 0, world: int = 1):
         import zarr
 
-        super().__init__(path, meta)
-        self.progress_file = path / PROGRESS
+        super().__init__(path, meta, rank, world)
+        self._mine = {}
+        self.progress_file = path / self._progress_name()
         n = meta["num_samples"]
         if create:
             g = zarr.open_group(str(path), mode="w")
@@ -311,16 +338,17 @@ class ZarrSink(_Sink):
 
     def finalize(self) -> None:
         self.group.attrs.update(self.finalize_meta())
-        self.progress_file.unlink(missing_ok=True)
+        self._remove_progress()
 
 
 class H5Sink(_Sink):
     """Stages chunks as .npz in `<store>.partial/`, then builds the .h5 and renames it into place."""
 
-    def __init__(self, path: Path, meta: dict, *, create: bool):
-        super().__init__(path, meta)
+    def __init__(self, path: Path, meta: dict, *, create: bool, rank: int = 0, world: int = 1):
+        super().__init__(path, meta, rank, world)
+        self._mine = {}
         self.staging = path.with_name(path.name + ".partial")
-        self.progress_file = self.staging / PROGRESS
+        self.progress_file = self.staging / self._progress_name()
         if create:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging.mkdir(parents=True)
@@ -371,10 +399,21 @@ class H5Sink(_Sink):
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def open_sink(path: Path, meta: dict, *, overwrite: bool) -> _Sink | None:
-    """Create, resume or (when complete and not overwriting) skip a store. None means skip."""
+def attach_sink(path: Path, rank: int, world: int) -> _Sink:
+    """A further writer (rank > 0 of a distributed run) on a store that rank 0 created or resumed."""
+    if path.suffix == ".h5":
+        meta = json.loads((path.with_name(path.name + ".partial") / "meta.json").read_text())
+        return H5Sink(path, meta, create=False, rank=rank, world=world)
+    return ZarrSink(path, read_metadata(path), create=False, rank=rank, world=world)
+
+
+def open_sink(path: Path, meta: dict, *, overwrite: bool, world: int = 1) -> _Sink | None:
+    """Create, resume or (when complete and not overwriting) skip a store. None means skip.
+    With world > 1 this is rank 0's sink; the other ranks attach with `attach_sink`."""
+    import functools
+
     fmt = "h5" if path.suffix == ".h5" else "zarr"
-    cls = H5Sink if fmt == "h5" else ZarrSink
+    cls = functools.partial(H5Sink if fmt == "h5" else ZarrSink, rank=0, world=world)
     staged = path.with_name(path.name + ".partial") if fmt == "h5" else path
     if overwrite:
         if path.is_dir():
@@ -392,7 +431,7 @@ def open_sink(path: Path, meta: dict, *, overwrite: bool) -> _Sink | None:
                 raise AlfError(f"store '{path}' holds a different extraction ({', '.join(diff)} differ); "
                                f"use --overwrite to replace it or --out for another location")
             return None
-        if fmt == "zarr" and not (path / PROGRESS).is_file():
+        if fmt == "zarr" and not any(path.glob("alf_progress*.json")):
             raise AlfError(f"store '{path}' is incomplete and has no progress manifest; rerun with --overwrite")
     if fmt == "h5" and (staged / "meta.json").is_file():
         old = json.loads((staged / "meta.json").read_text())

@@ -1,0 +1,63 @@
+"""torch.distributed extraction on CPU (gloo, 2 processes): disjoint chunks, one store, identical to one process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from probes import FeatureSet
+from probes.features import verify_store
+
+
+def _torchrun(args, port, env):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           str(ROOT / "cli.py"), "extract", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_two_ranks_equal_one_process_and_resume(tiny_model, tmp_path, fmt):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    base = ["--model", str(tiny_model), "--dataset", "digits", "--split", "train", "--workers", "0",
+            "--chunk-rows", "64", "--batch-size", "8", "--format", fmt]
+    single = subprocess.run([sys.executable, str(ROOT / "cli.py"), "extract", *base, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr
+    port = 29600 + (os.getpid() % 200) + (0 if fmt == "zarr" else 1)
+    p = _torchrun(base + ["--out", str(tmp_path / "two")], port, env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "rank 1/2" in p.stderr and "rank 0/2" in p.stderr
+    rel = f"digits/local-tiny/train.{fmt}"
+    a, b = FeatureSet.open(tmp_path / "two" / rel), FeatureSet.open(tmp_path / "one" / rel)
+    for name in ("cls", "ap"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, name)[:]), np.asarray(getattr(b, name)[:]))
+    assert a.meta["chunk_checksums"] == b.meta["chunk_checksums"] and verify_store(tmp_path / "two" / rel) == 22
+    assert not list((tmp_path / "two").rglob("alf_progress*")) and not list((tmp_path / "two").rglob("*.lock"))
+
+    # a single-process run killed part-way is resumed by two ranks, which share the remaining chunks
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "extract", *base, "--out", str(tmp_path / "k")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staged = tmp_path / "k" / (rel if fmt == "zarr" else rel + ".partial")
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if len(json.loads((staged / "alf_progress.json").read_text())["done"]) >= 3:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        pytest.skip("extraction finished before it could be killed")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    p = _torchrun(base + ["--out", str(tmp_path / "k")], port + 2, env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resumed" in p.stdout
+    c = FeatureSet.open(tmp_path / "k" / rel)
+    np.testing.assert_array_equal(np.asarray(c.ap[:]), np.asarray(b.ap[:]))
+    assert c.meta["chunk_checksums"] == b.meta["chunk_checksums"]
