@@ -44,3 +44,8 @@ reproduce-mini:
 	$(ALF) reproduce --root $(MINI) --grid quick --workers 0 \
 		--models local-dir:$(MINI)/models/tiny-a,local-dir:$(MINI)/models/tiny-b --datasets digits \
 		--heads $(if $(HEADS),$(HEADS),$(MINI_HEADS))
+
+# Benchmarks: each prints ratios measured within one run (results also in benchmarks/results/*.json).
+bench:
+	cd benchmarks && for b in bench_extract bench_store bench_grid bench_sklearn bench_mmap bench_scaling; do \
+		../$(PY) $$b.py || exit 1; done

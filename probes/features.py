@@ -182,39 +182,50 @@ class FeatureSet:
         srt = rows[order]
         layers = resolve_layers(self.num_layers, spec.layers)
         parts = {k: self._read(getattr(self, k), srt, layers) for k in spec.kind_list()}
-        n, D = len(rows), self.width
         if spec.kinds == "mean" and self.mean is None:
             raise ProbeError("token kind 'mean' (all tokens) exists for module taps only; choose a --tap")
+        import torch  # conversion and normalisation in torch: multi-threaded, no float64 temporaries
+
+        t = {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in parts.items()}
         if spec.kinds == "cls+ap":
-            out = np.empty((n, 2 * len(layers), D), dtype=np.float32)
-            out[:, 0::2], out[:, 1::2] = parts["cls"], parts["ap"]
+            x = torch.stack([t["cls"], t["ap"]], dim=2).flatten(1, 2)  # [CLS_1, AP_1, CLS_2, ...]
         else:
-            out = parts[spec.kinds].astype(np.float32)
+            x = t[spec.kinds]
         if spec.patches:
             if self.patches is None:
                 raise ProbeError("this head needs last-layer patch tokens; extract with --patches")
-            out = np.concatenate([out, self._read(self.patches, srt, None).astype(np.float32)], axis=1)
-        if not np.isfinite(out).all():
-            bad = srt[np.unique(np.nonzero(~np.isfinite(out))[0])[:3]]
-            raise ProbeError(f"non-finite tokens in rows {bad.tolist()}" + (f" of '{self.path}'" if self.path else ""))
+            x = torch.cat([x, torch.from_numpy(np.ascontiguousarray(self._read(self.patches, srt, None))).float()], 1)
+        norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # non-finite iff some element is
+        bad = ~torch.isfinite(norms).reshape(len(srt), -1).all(dim=1)
+        if bool(bad.any()):
+            rows_bad = srt[bad.nonzero()[:, 0].numpy()[:3]]
+            raise ProbeError(f"non-finite tokens in rows {rows_bad.tolist()}" + (f" of '{self.path}'" if self.path else ""))
         if spec.normalise:
-            out /= np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+            x = x.div_(norms.clamp_min_(1e-12))
+        out = x.numpy()
+        if np.array_equal(order, np.arange(len(order))):
+            return out  # asked in sorted order already: no reordering copy
         inv = np.empty_like(order)
         inv[order] = np.arange(len(order))
         return out[inv]
 
-    @staticmethod
-    def _read(arr, sorted_rows: np.ndarray, layers) -> np.ndarray:
+    def _read(self, arr, sorted_rows: np.ndarray, layers) -> np.ndarray:
+        """Rows (sorted) of a numpy array or a chunked store array; for the latter one read per touched
+        chunk (the span of the asked rows inside it), so scattered rows never decompress a chunk twice."""
+        if layers is not None and list(layers) == list(range(arr.shape[1])):
+            layers = None  # every layer: no fancy-index copy
         if isinstance(arr, np.ndarray):
             sel = arr[sorted_rows]
             return sel[:, layers] if layers is not None else sel
-        # contiguous runs -> slice reads (one chunk touched per run piece)
-        out = []
         if len(sorted_rows) == 0:
             return np.zeros((0, len(layers) if layers is not None else arr.shape[1], arr.shape[2]), np.float32)
-        breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
-        for run in np.split(sorted_rows, breaks):
-            block = np.asarray(arr[int(run[0]):int(run[-1]) + 1])
+        chunk = sorted_rows // self.chunk_rows
+        out = []
+        for part in np.split(sorted_rows, np.flatnonzero(np.diff(chunk)) + 1):
+            a, b = int(part[0]), int(part[-1]) + 1
+            block = np.asarray(arr[a:b])
+            if b - a != len(part):
+                block = block[part - a]
             out.append(block[:, layers] if layers is not None else block)
         return np.concatenate(out)
 
@@ -243,7 +254,8 @@ def verify_store(path: str | Path, progress: bool = False) -> int:
     meta = store_metadata(path)
     sums = meta.get("chunk_checksums")
     if not meta.get("complete") or sums is None:
-        raise ProbeError(f"store '{path}' is incomplete; it cannot be verified until its extraction finishes")
+        raise ProbeError(f"store '{path}' is incomplete (extraction did not finish); rerun the extraction to resume "
+                         f"it, or pass --allow-incomplete")
     if path.suffix == ".h5":
         import h5py
 

@@ -81,10 +81,29 @@ class LinearHead(nn.Module):
         self.classifier = Classifier(G, num_tokens * width, num_classes)
 
     def forward(self, x: torch.Tensor, sl: slice = slice(None), drop_u=None) -> torch.Tensor:
-        """x (B, T, D) shared by all configurations -> logits (G', B, C)."""
-        g = len(range(self.G)[sl])
-        flat = x.reshape(1, x.shape[0], -1).expand(g, -1, -1)
-        return self.classifier(flat, sl)
+        """x (B, T, D) shared by all configurations -> logits (G', B, C).
+
+        Training: every configuration sees the same input, so BatchNorm's batch statistics are shared; the
+        input is normalised once and each configuration's BN affine is folded into its linear map, which
+        makes the whole grid one matrix product. Same function as BN -> Linear per configuration."""
+        B = x.shape[0]
+        flat = x.reshape(B, -1)
+        if not self.training:
+            g = len(range(self.G)[sl])
+            return self.classifier(flat.unsqueeze(0).expand(g, -1, -1), sl)
+        bn, clf = self.classifier.bn, self.classifier
+        mean, var = flat.mean(0), flat.var(0, unbiased=False)
+        with torch.no_grad():
+            m = bn.momentum
+            bn.running_mean[sl] = (1 - m) * bn.running_mean[sl] + m * mean
+            bn.running_var[sl] = (1 - m) * bn.running_var[sl] + m * var * (B / max(B - 1, 1))
+        xn = (flat - mean) * torch.rsqrt(var + bn.eps)  # (B, F), shared
+        W = clf.weight[sl]  # (g, F, C)
+        g, F_, C = W.shape
+        Wf = bn.weight[sl].unsqueeze(-1) * W
+        bias = torch.einsum("gf,gfc->gc", bn.bias[sl], W) + clf.bias[sl]
+        out = (xn @ Wf.permute(1, 0, 2).reshape(F_, g * C)).view(B, g, C).transpose(0, 1)
+        return out + bias.unsqueeze(1)
 
     def config(self) -> dict:
         return {"kind": self.kind, "num_tokens": self.num_tokens, "width": self.width, "num_classes": self.num_classes}
@@ -170,10 +189,11 @@ class AttentionPoolHead(nn.Module):
         self._last_attention = a.detach()
         a = self._drop_attention(a, sl, drop_a)
         pooled = torch.einsum("gbht,btd->gbhd", a, xhat)
-        v_in = pooled * self.ln_v_weight[sl].view(g, 1, 1, -1) + \
-            a.sum(-1, keepdim=True) * self.ln_v_bias[sl].view(g, 1, 1, -1)
+        # ((sum_t a xhat) * g_v + (sum_t a) b_v) W_v = pooled (g_v W_v) + (sum_t a) (b_v W_v): fold the LN affine
         wv = self.w_v[sl].view(g, self.width, self.num_heads, self.head_dim)
-        v = torch.einsum("gbhd,gdhe->gbhe", v_in, wv)
+        v = torch.einsum("gbhd,gdhe->gbhe", pooled, self.ln_v_weight[sl].view(g, -1, 1, 1) * wv)
+        bv = torch.einsum("gd,gdhe->ghe", self.ln_v_bias[sl], wv)
+        v = v + a.sum(-1).unsqueeze(-1) * bv.unsqueeze(1)
         return self._output(v, sl, drop_o)
 
     def forward_direct(self, x: torch.Tensor, sl: slice = slice(None), drop_u=None) -> torch.Tensor:

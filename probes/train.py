@@ -173,7 +173,7 @@ class BatchStream:
         per_window = max(1, math.ceil(4 * self.B / max(1, self.fs.chunk_rows)))
         carry_x, carry_y = None, None
         for w in range(0, len(order), per_window):
-            rows = np.concatenate([blocks[i] for i in order[w:w + per_window]])
+            rows = np.sort(np.concatenate([blocks[i] for i in order[w:w + per_window]]))  # shuffled below
             x, y = self.fs.tokens(rows, self.spec), self.labels[rows]
             perm = self.rng.permutation(len(rows))
             x, y = x[perm], y[perm]

@@ -199,3 +199,24 @@ def test_streaming_batches_match_in_memory_set(planted_sets):
     assert len(seen) == 1200 and sorted(np.bincount(seen)) == sorted(np.bincount(train.labels))
     lin = fit(train, "alf", grid=QUICK, progress=False, in_memory=False)
     assert lin.balanced_accuracy(test) >= 95.0
+
+
+def test_folded_linear_grid_equals_batchnorm_then_linear():
+    """The linear grid normalises once and folds each config's BN affine into its weights: same function."""
+    torch.manual_seed(0)
+    head = LinearHead(3, 2, 5, 4)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(16, 2, 5)
+    head.train()
+    out = head(x)
+    flat = x.reshape(16, -1)
+    for g in range(3):
+        bn = torch.nn.BatchNorm1d(10)
+        with torch.no_grad():
+            bn.weight.copy_(head.classifier.bn.weight[g])
+            bn.bias.copy_(head.classifier.bn.bias[g])
+        ref = bn.train()(flat) @ head.classifier.weight[g] + head.classifier.bias[g]
+        torch.testing.assert_close(out[g], ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head.classifier.bn.running_var[g], bn.running_var, rtol=1e-5, atol=1e-6)

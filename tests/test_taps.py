@@ -39,7 +39,9 @@ def test_hooks_equal_manual_forward(reg_tokens):
         col = TapCollector(model, plan, n_prefix)
         with col.attached(), torch.no_grad():
             model.forward_features(x)
-        cls, ap = col.collect()
+        out = col.collect()
+        cls, ap = out["cls"], out["ap"]
+        assert set(out) == {"cls", "ap"}
         assert cls.shape == (3, len(expected), 48)
         for l, t in enumerate(expected):
             c, a = pool(t)

@@ -1,0 +1,47 @@
+"""Extraction throughput vs a plain forward of the same model on the same batches (no taps, no writes),
+and data loading alone, so the bottleneck is named. Target: extraction / plain forward >= 0.95."""
+import tempfile
+import time
+
+import torch
+
+from common import report, timer
+from alfcache.backbones import build_random_model, load_backbone
+from alfcache.datasets import open_source
+from alfcache.extract import ExtractConfig, _ImageDataset, extract
+
+
+def main(workers: int = 1, batch: int = 64):
+    tmp = tempfile.mkdtemp()
+    path = build_random_model(f"{tmp}/m", img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3)
+    bb = load_backbone(str(path))
+    src = open_source("digits", "train")
+    n = len(src)
+    t = {}
+    ds = _ImageDataset(src, bb.transform(), bb.data_config["input_size"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
+    with timer(t, "load"):
+        batches = [x for x, *_ in loader]
+    with timer(t, "forward"), torch.inference_mode():
+        for x in batches:
+            bb.forward(x)
+    with timer(t, "extract"):
+        res = extract(ExtractConfig(model=str(path), dataset="digits", splits=["train"], out=f"{tmp}/f",
+                                    workers=workers, batch_size=batch, progress=False))
+    r = res[0]
+    ips = {k: n / v for k, v in t.items()}
+    ips["extract_loop"] = r.images_per_s
+    report("extract", [
+        ("images", f"{n}", f"digits train, 64 px, ViT D=192 x 6 blocks, batch {batch}, {workers} worker(s)"),
+        ("data loading alone (img/s)", f"{ips['load']:.0f}", ""),
+        ("plain forward, preloaded (img/s)", f"{ips['forward']:.0f}", ""),
+        ("extraction loop (img/s)", f"{ips['extract_loop']:.0f}", "load + forward + taps + writes"),
+        ("extraction / plain forward", f"{ips['extract_loop'] / ips['forward']:.2f}", "target >= 0.95"),
+        ("loader / forward throughput", f"{ips['load'] / ips['forward']:.2f}",
+         "< 1 means data loading is the bottleneck"),
+        ("loader wait inside extraction (s)", f"{r.loader_wait_s:.2f}", f"of {r.seconds:.2f} s"),
+    ], {"seconds": t, "images_per_s": ips})
+
+
+if __name__ == "__main__":
+    main()
