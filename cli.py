@@ -244,7 +244,6 @@ def reproduce(
     seed: int = 0,
 ):
     """The whole study: extract (complete stores skipped), probe every head, report. Rerun to resume."""
-    import json
 
     import torch
 

@@ -1,7 +1,6 @@
 """Extraction throughput vs a plain forward of the same model on the same batches (no taps, no writes),
 and data loading alone, so the bottleneck is named. Target: extraction / plain forward >= 0.95."""
 import tempfile
-import time
 
 import torch
 

@@ -3,7 +3,6 @@ L2-normalised). Target: accuracy within 0.5 point, >= 5x faster."""
 import tempfile
 import time
 
-import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.preprocessing import StandardScaler

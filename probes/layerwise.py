@@ -6,7 +6,6 @@ a configuration here is (token, lr, wd); each reads its own token.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .cka import cka
 from .features import FeatureSet

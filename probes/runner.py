@@ -1,12 +1,10 @@
 """Find train/test stores by their metadata and run heads on them, writing result files."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from .errors import ProbeError, unknown_name
 from .features import FeatureSet, check_compatible, store_metadata, verify_store

@@ -2,7 +2,6 @@
 import csv
 import json
 
-import pytest
 
 from conftest import run_alf
 

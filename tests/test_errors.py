@@ -1,7 +1,6 @@
 """Bad input gets one clear line and a non-zero exit, and never touches existing data."""
 import json
 import os
-import shutil
 import subprocess
 
 import numpy as np

@@ -1,5 +1,4 @@
 """Zarr and HDF5 round trip, complete metadata, readable with plain zarr/h5py."""
-import json
 import subprocess
 import sys
 
