@@ -201,7 +201,7 @@ def _report(store_root, results, out, dataset, model, grid, cka, layers, seed, d
     sections: dict[str, list] = {"Per-layer linear probes and CKA": [], "ALF layer-attention heatmaps": [],
                                  "Tables": []}
     if layers:
-        for pair in discover(store_root or default_out(), dataset, model):
+        for pair in discover(store_root or default_out(), dataset, model, skip_unusable=True):
             train, test = FeatureSet.open(pair.train), FeatureSet.open(pair.test)
             check_compatible(train, test)
             rows = layer_sweep(train, test, grid=grid, seed=seed, device=device, kernel=cka)
@@ -271,6 +271,9 @@ def reproduce(
     total_s = total_b = 0.0
     for m in ok_models:
         facts = model_facts(m)
+        if facts is None:
+            typer.echo(f"  (no time/disk estimate for {m})")
+            continue
         for d in ok_data:
             n = sum(dataset_size(d).values())
             e = estimate(facts, n, facts["depth"], dev.split(":")[0])
@@ -283,21 +286,31 @@ def reproduce(
         raise AlfError("nothing to run: no reachable model or dataset (see the plan above)")
     results = root / "results"
     head_list = [h for h in heads.split(",") if h]
+    failed = []
     for d in ok_data:
         for m in ok_models:
-            res = run_extract(ExtractConfig(model=m, dataset=d, out=features, device=device, workers=workers,
-                                            batch_size=batch_size))
-            for r in res:
-                typer.echo(f"{d} x {m} {r.split}: {r.status}")
-            meta = read_metadata(res[0].path)
-            for pair in discover(features, dataset=meta["dataset"]["name"], model=meta["model"]["name"]):
-                wanted = supported_heads(FeatureSet.open(pair.train)) if head_list == ["all"] else head_list
-                todo = [h for h in wanted if not _result_done(result_dir(results, pair.dataset, pair.model), h, grid, seed)]
-                typer.echo(f"{pair.dataset} x {pair.model}: {len(wanted) - len(todo)} heads done, running {todo or 'none'}")
-                if todo:
-                    run_heads(pair, todo, grid, results, seed=seed, device=device)
+            try:  # one broken pair must not stop a study that runs for days: note it and go on
+                res = run_extract(ExtractConfig(model=m, dataset=d, out=features, device=device, workers=workers,
+                                                batch_size=batch_size))
+                for r in res:
+                    typer.echo(f"{d} x {m} {r.split}: {r.status}")
+                meta = read_metadata(res[0].path)
+                for pair in discover(features, dataset=meta["dataset"]["name"], model=meta["model"]["name"]):
+                    wanted = supported_heads(FeatureSet.open(pair.train)) if head_list == ["all"] else head_list
+                    todo = [h for h in wanted
+                            if not _result_done(result_dir(results, pair.dataset, pair.model), h, grid, seed)]
+                    typer.echo(f"{pair.dataset} x {pair.model}: {len(wanted) - len(todo)} heads done, "
+                               f"running {todo or 'none'}")
+                    if todo:
+                        run_heads(pair, todo, grid, results, seed=seed, device=device)
+            except (AlfError, ProbeError) as e:
+                typer.secho(f"FAILED {d} x {m}: {e}", err=True, fg=typer.colors.RED)
+                failed.append(f"{d} x {m}")
     write_summary(results)
     _report(features, results, root / "reports", None, None, "quick", "linear", True, seed, device)
+    if failed:
+        raise AlfError(f"{len(failed)} dataset x model pair(s) failed: {', '.join(failed)}; "
+                       f"fix the cause and rerun to do only what is missing")
 
 
 def _result_done(folder: Path, head: str, grid: str, seed: int) -> bool:

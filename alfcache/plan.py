@@ -43,6 +43,14 @@ def check_model(name: str, online: bool) -> PlanItem:
     from .backbones import _is_local
     from .registry import lookup
 
+    if name.startswith("hf:"):
+        ident = name[3:]
+        if Path(ident).is_dir():
+            return PlanItem("model", name, True, "local transformers folder")
+        if _hub_cached(ident):
+            return PlanItem("model", name, True, f"in the local hub cache ({ident})")
+        return PlanItem("model", name, online, f"will download {ident}" if online else
+                        f"{ident} not cached and the hub is unreachable")
     local = _is_local(name)
     if local is not None or name.startswith("local-dir:"):
         ok = local is not None and (local / "config.json").is_file()
@@ -71,14 +79,16 @@ def estimate(model_facts: dict, num_images: int, num_layers: int, device: str = 
             "bytes": 2 * num_images * num_layers * model_facts["width"] * 2}
 
 
-def model_facts(name: str) -> dict:
-    """params / tokens / width / depth without weights (meta device)."""
+def model_facts(name: str) -> dict | None:
+    """params / tokens / width / depth without weights (meta device); None for transformers models."""
     import timm
     import torch
 
     from .backbones import _is_local
     from .registry import lookup
 
+    if name.startswith("hf:"):
+        return None
     local = _is_local(name)
     if local is not None:
         with torch.device("meta"):

@@ -20,8 +20,10 @@ class StorePair:
     test: Path
 
 
-def discover(store_root: str | Path, dataset: str | None = None, model: str | None = None) -> list[StorePair]:
-    """Group the stores under `store_root` by (dataset, model) from their metadata, not their file names."""
+def discover(store_root: str | Path, dataset: str | None = None, model: str | None = None, *,
+             skip_unusable: bool = False) -> list[StorePair]:
+    """Group the stores under `store_root` by (dataset, model) from their metadata, not their file names.
+    With `skip_unusable`, groups lacking a split or holding an incomplete store are left out (reports)."""
     root = Path(store_root)
     if not root.is_dir():
         raise ProbeError(f"store root '{root}' does not exist; run `alf extract` first or pass --store-root")
@@ -33,6 +35,8 @@ def discover(store_root: str | Path, dataset: str | None = None, model: str | No
         except ProbeError:
             continue
         key = (m["dataset"]["name"], m["model"]["name"])
+        if skip_unusable and not m.get("complete"):
+            continue
         found.setdefault(key, {})[m["split"]] = p
     if not found:
         raise ProbeError(f"no alfcache stores under '{root}'; run `alf extract` first")
@@ -47,6 +51,8 @@ def discover(store_root: str | Path, dataset: str | None = None, model: str | No
         if (dataset and d != dataset) or (model and m != model):
             continue
         if "train" not in splits or "test" not in splits:
+            if skip_unusable:
+                continue
             raise ProbeError(f"dataset '{d}' x model '{m}' needs both train and test stores; found {sorted(splits)}")
         pairs.append(StorePair(d, m, splits["train"], splits["test"]))
     if not pairs:

@@ -94,3 +94,17 @@ def test_reproduce_says_upfront_what_it_cannot_reach(tmp_path):
     assert "hub NOT reachable" in p.stdout
     assert "SKIP model clip-l" in p.stdout and "SKIP dataset fer2013" in p.stdout
     assert "nothing to run" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_reproduce_goes_on_past_a_failing_pair(tiny_model, tmp_path):
+    from conftest import run_alf, write_image_folder
+
+    bad = write_image_folder(tmp_path / "imgs")
+    (bad / "train" / "dog" / "001.png").write_bytes(b"not an image")
+    p = run_alf("reproduce", "--root", tmp_path / "run", "--models", f"local-dir:{tiny_model}", "--datasets",
+                f"imagefolder:{bad},digits", "--heads", "linear", "--grid", "quick", "--workers", "0")
+    assert p.returncode == 2
+    assert "FAILED imagefolder:" in p.stderr and "dog/001.png" in p.stderr
+    assert "1 dataset x model pair(s) failed" in p.stderr and "Traceback" not in p.stderr
+    rows = list(csv.DictReader(open(tmp_path / "run" / "results" / "summary.csv")))
+    assert [(r["dataset"], r["head"]) for r in rows] == [("digits", "linear")]  # the good pair was done
