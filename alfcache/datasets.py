@@ -206,36 +206,37 @@ class HubDataset:
     repo: str
     group: str
     sizes: dict  # approximate train/test image counts, for time and disk estimates only
+    num_classes: int = 0
 
 
 ENV_DATASETS_DIR = "ALF_DATASETS_DIR"  # a local mirror: <dir>/<repo name>/{train,test}/*.tar + classnames.txt
 
 _PAPER = [
-    ("stl10", "wds_stl10", "natural multi-domain", 5000, 8000),
-    ("cifar10", "wds_vtab-cifar10", "natural multi-domain", 50000, 10000),
-    ("caltech101", "wds_vtab-caltech101", "natural multi-domain", 3060, 6085),
-    ("voc2007", "wds_voc2007", "natural multi-domain", 5011, 4952),
-    ("cifar100", "wds_vtab-cifar100", "natural multi-domain", 50000, 10000),
-    ("country211", "wds_country211", "natural multi-domain", 31650, 21100),
-    ("pets", "wds_vtab-pets", "natural single-domain", 3680, 3669),
-    ("flowers", "wds_vtab-flowers", "natural single-domain", 1020, 6149),
-    ("cars", "wds_cars", "natural single-domain", 8144, 8041),
-    ("fgvc-aircraft", "wds_fgvc_aircraft", "natural single-domain", 6667, 3333),
-    ("gtsrb", "wds_gtsrb", "natural single-domain", 26640, 12630),
-    ("svhn", "wds_vtab-svhn", "natural single-domain", 73257, 26032),
-    ("pcam", "wds_vtab-pcam", "specialised", 262144, 32768),
-    ("eurosat", "wds_vtab-eurosat", "specialised", 16200, 5400),
-    ("resisc45", "wds_vtab-resisc45", "specialised", 18900, 6300),
-    ("diabetic-retinopathy", "wds_vtab-diabetic_retinopathy", "specialised", 35126, 42670),
-    ("dtd", "wds_vtab-dtd", "structured", 3760, 1880),
-    ("fer2013", "wds_fer2013", "structured", 28709, 7178),
-    ("dmlab", "wds_vtab-dmlab", "structured", 65550, 22735),
+    ("stl10", "wds_stl10", "natural multi-domain", 5000, 8000, 10),
+    ("cifar10", "wds_vtab-cifar10", "natural multi-domain", 50000, 10000, 10),
+    ("caltech101", "wds_vtab-caltech101", "natural multi-domain", 3060, 6085, 102),
+    ("voc2007", "wds_voc2007", "natural multi-domain", 5011, 4952, 20),
+    ("cifar100", "wds_vtab-cifar100", "natural multi-domain", 50000, 10000, 100),
+    ("country211", "wds_country211", "natural multi-domain", 31650, 21100, 211),
+    ("pets", "wds_vtab-pets", "natural single-domain", 3680, 3669, 37),
+    ("flowers", "wds_vtab-flowers", "natural single-domain", 1020, 6149, 102),
+    ("cars", "wds_cars", "natural single-domain", 8144, 8041, 196),
+    ("fgvc-aircraft", "wds_fgvc_aircraft", "natural single-domain", 6667, 3333, 100),
+    ("gtsrb", "wds_gtsrb", "natural single-domain", 26640, 12630, 43),
+    ("svhn", "wds_vtab-svhn", "natural single-domain", 73257, 26032, 10),
+    ("pcam", "wds_vtab-pcam", "specialised", 262144, 32768, 2),
+    ("eurosat", "wds_vtab-eurosat", "specialised", 16200, 5400, 10),
+    ("resisc45", "wds_vtab-resisc45", "specialised", 18900, 6300, 45),
+    ("diabetic-retinopathy", "wds_vtab-diabetic_retinopathy", "specialised", 35126, 42670, 5),
+    ("dtd", "wds_vtab-dtd", "structured", 3760, 1880, 47),
+    ("fer2013", "wds_fer2013", "structured", 28709, 7178, 7),
+    ("dmlab", "wds_vtab-dmlab", "structured", 65550, 22735, 6),
 ]
 HUB_DATASETS: dict[str, HubDataset] = {
-    n: HubDataset(n, f"clip-benchmark/{r}", g, {"train": a, "test": b}) for n, r, g, a, b in _PAPER
+    n: HubDataset(n, f"clip-benchmark/{r}", g, {"train": a, "test": b}, c) for n, r, g, a, b, c in _PAPER
 }
 HUB_DATASETS["imagenet1k"] = HubDataset("imagenet1k", "clip-benchmark/wds_imagenet1k", "extra",
-                                        {"train": 1281167, "test": 50000})
+                                        {"train": 1281167, "test": 50000}, 1000)
 PAPER_DATASETS = [n for n, *_ in _PAPER]
 
 
@@ -317,7 +318,8 @@ DATASETS: dict[str, DatasetEntry] = {
 
 for _e in HUB_DATASETS.values():
     DATASETS[_e.name] = DatasetEntry(_e.name, lambda split, n=_e.name: open_hub_dataset(n, split),
-                                     f"{_e.group}; {_e.repo}; ~{_e.sizes['train']} train / {_e.sizes['test']} test")
+                                     f"{_e.group}; {_e.repo}; {_e.num_classes} classes; "
+                                     f"~{_e.sizes['train']} train / {_e.sizes['test']} test")
 
 PREFIXES: dict[str, Callable[[str, str], ImageSource]] = {
     "imagefolder:": lambda arg, split: ImageFolderSource(arg, split),

@@ -357,9 +357,17 @@ def _val_split(y: np.ndarray, fraction: float, seed: int):
 
 
 def fit(train: FeatureSet, head: str = "alf", grid="paper", seed: int = 0, device=None, *,
+        layers: str | list[int] | None = None, kinds: str | None = None,
         progress: bool = True, in_memory: bool | None = None) -> FittedProbe:
-    """Select a configuration on a stratified validation split, retrain it on all of `train`."""
+    """Select a configuration on a stratified validation split, retrain it on all of `train`.
+
+    `layers` ('all', 'last', 'middle+last', 'quarterly' or indices) and `kinds` ('cls', 'ap', 'cls+ap',
+    'mean') override the head's own token selection, e.g. `fit(fs, "alf", layers=[3, 7, -1])`."""
     spec = head_spec(head)
+    if layers is not None or kinds is not None:
+        tokens = replace(spec.tokens, layers=tuple(layers) if isinstance(layers, list) else (layers or spec.tokens.layers),
+                         kinds=kinds or spec.tokens.kinds)
+        spec = replace(spec, name=f"{head}[{tokens.layers}|{tokens.kinds}]", tokens=tokens)
     if spec.tokens.patches and train.patches is None:
         raise ProbeError(f"head '{head}' needs last-layer patch tokens in the store (extract with --patches)")
     g = resolve_grid(grid)

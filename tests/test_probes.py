@@ -220,3 +220,16 @@ def test_folded_linear_grid_equals_batchnorm_then_linear():
         ref = bn.train()(flat) @ head.classifier.weight[g] + head.classifier.bias[g]
         torch.testing.assert_close(out[g], ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(head.classifier.bn.running_var[g], bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_and_kind_override(planted_sets, tmp_path):
+    train, test = planted_sets
+    p = fit(train, "alf", grid=QUICK, layers=[2, -1], kinds="ap", progress=False)
+    assert p.token_names == ["layer3:ap", "layer6:ap"] and p.module.num_heads == 2
+    assert p.balanced_accuracy(test) >= 95.0  # layer 3's AP carries the label
+    p.save(tmp_path / "custom")
+    from probes.train import FittedProbe
+
+    back = FittedProbe.load(tmp_path / "custom")
+    assert back.token_names == p.token_names
+    np.testing.assert_allclose(back.logits(test), p.logits(test), rtol=1e-5, atol=1e-5)
