@@ -33,10 +33,6 @@ class Backbone:
     num_registers: int = 0
     num_patches: int = 0
 
-    @property
-    def tokens_per_image(self) -> int:
-        return self.num_prefix_tokens + self.num_patches
-
     def transform(self):
         return self.transform_fn
 

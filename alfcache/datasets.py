@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import AlfError, unknown_name
+from .stores import safe_component
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -360,13 +361,8 @@ def dataset_slug(name: str) -> str:
         if name.startswith(prefix):
             arg = Path(name[len(prefix):]).resolve()
             digest = hashlib.sha1(str(arg).encode()).hexdigest()[:8]
-            return f"{prefix[:-1]}-{_safe(arg.name)}-{digest}"
-    return _safe(name)
-
-
-def _safe(s: str) -> str:
-    out = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in s).strip(".-") or "unnamed"
-    return out
+            return f"{prefix[:-1]}-{safe_component(arg.name)}-{digest}"
+    return safe_component(name)
 
 
 def open_source(name: str, split: str) -> ImageSource:

@@ -48,10 +48,6 @@ class TapPlan:
     def modules(self) -> list[str]:
         return [t.module for t in self.taps if t.group == "main"]
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_names)
-
     def describe(self) -> dict:
         d = {"tap_set": self.tap_set, "modules": self.modules, "layer_names": self.layer_names, **self.notes}
         if self.module_kinds:
