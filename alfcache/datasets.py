@@ -56,10 +56,6 @@ class ImageSource:
             h.update(f"{self.sample_id(i)}\t{int(self.labels[i])}\n".encode())
         return "sha256:" + h.hexdigest()
 
-    def describe(self) -> dict:
-        return {"dataset": self.dataset, "split": self.split, "num_samples": len(self),
-                "class_names": list(self.class_names), "fingerprint": self.fingerprint()}
-
 
 class DigitsSource(ImageSource):
     """scikit-learn's handwritten digits (1797 real 8x8 scans), rendered as RGB images.

@@ -128,7 +128,7 @@ def probe_shapes(bb: Backbone, collector: TapCollector) -> dict[str, list[int]]:
 
 
 def build_metadata(bb: Backbone, source: ImageSource, plan, cfg: ExtractConfig, shapes: dict, chunk_rows: int,
-                   autocast: str | None) -> dict:
+                   autocast: str | None, weights_fingerprint: str) -> dict:
     n = len(source)
     L, D = shapes["cls"]
     layout = {
@@ -148,7 +148,7 @@ def build_metadata(bb: Backbone, source: ImageSource, plan, cfg: ExtractConfig, 
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": {"name": bb.name, "source_id": bb.source_id, "library": bb.library, "fingerprint": bb.fingerprint(),
+        "model": {"name": bb.name, "source_id": bb.source_id, "library": bb.library, "fingerprint": weights_fingerprint,
                   "pretrained_weights": not (Path(bb.source_id.split(":", 1)[-1]) / "RANDOM_WEIGHTS.txt").exists(),
                   "depth": bb.depth, "width": bb.width, "num_prefix_tokens": bb.num_prefix_tokens,
                   "num_registers": bb.num_registers, "num_patches": bb.num_patches,
@@ -241,8 +241,9 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
     itemsize = 2 if cfg.dtype == "float16" else 4
     row_bytes = itemsize * sum(int(np.prod(v)) for v in shapes.values())
     rows = cfg.chunk_rows or chunk_rows_for(row_bytes)
+    weights_fingerprint = bb.fingerprint()  # hashes every weight: once per run, not once per split
     for source in sources:
-        meta = build_metadata(bb, source, plan, cfg, shapes, rows, autocast)
+        meta = build_metadata(bb, source, plan, cfg, shapes, rows, autocast, weights_fingerprint)
         meta["extraction"]["device_type"] = device.type
         path = store_path(out, dataset_slug(cfg.dataset), safe_component(model_slug), source.split, cfg.fmt)
         need = row_bytes * len(source) * (2 if cfg.fmt == "h5" else 1)  # h5: staged chunks + final file
