@@ -240,6 +240,7 @@ class _Sink:
         self.rows = meta["chunk_rows"]
         self.num_chunks = (self.n + self.rows - 1) // self.rows
         self.progress = Progress({}, [])
+        self._failed: AlfError | None = None  # first write failure; later writes are refused with it
 
     def _progress_name(self) -> str:
         # one manifest per writer: ranks of a distributed run never write the same file
@@ -283,6 +284,8 @@ class _Sink:
                     skipped: list[str]) -> None:
         if set(arrays) != set(array_specs(self.meta)):
             raise AlfError(f"chunk {k} has arrays {sorted(arrays)}, the store expects {sorted(array_specs(self.meta))}")
+        if self._failed is not None:  # a full disk stays full: write nothing past the first failure
+            raise self._failed
         try:
             self._put(k, arrays, labels, ids)
             self.progress.done[k] = chunk_checksum(arrays, labels)
@@ -292,11 +295,12 @@ class _Sink:
             self._save_progress()
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise disk_full_error(self.path, f"chunk {k}") from None
-            err = os_error(self.path, e)
-            if err is None:
-                raise
-            raise err from None
+                self._failed = disk_full_error(self.path, f"chunk {k}")
+            else:
+                self._failed = os_error(self.path, e)
+                if self._failed is None:
+                    raise
+            raise self._failed from None
 
     def finalize_meta(self) -> dict:
         meta = dict(self.meta)
