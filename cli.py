@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -139,11 +140,18 @@ def probe(
     allow_incomplete: bool = typer.Option(False, help="probe stores whose extraction did not finish"),
     tap: Optional[str] = typer.Option(None, help="probe a module tap of a `--taps modules` store, e.g. ffn_activation"),
     verify: bool = typer.Option(True, help="check every chunk's checksum before training"),
+    distributed: bool = typer.Option(False, help="one rank of a torchrun job: ranks share each grid's "
+                                     "configurations (implied when WORLD_SIZE > 1)"),
 ):
     """Train heads on stored tokens; write one JSON per (dataset, model, head) and a summary table."""
     from alfcache.stores import default_out
+    from probes import ranks as rank_group
     from probes.results import write_summary
     from probes.runner import discover, run_heads
+
+    if distributed and "WORLD_SIZE" not in os.environ:
+        raise ProbeError("--distributed needs a torch.distributed launcher (torchrun sets WORLD_SIZE)")
+    ranks, device = rank_group.init(device)
 
     pairs = discover(store_root or default_out(), dataset, model)
     if len(pairs) > 1 and (dataset is None or model is None):
@@ -157,8 +165,10 @@ def probe(
                    f"dropout={rec['chosen']['dropout']:g}, {rec['params']:,} params)")
 
     for pair in pairs:
-        run_heads(pair, heads, grid, out, seed=seed, device=device, allow_incomplete=allow_incomplete, on_result=show,
-                  tap=tap, verify=verify)
+        run_heads(pair, heads, grid, out, seed=seed, device=device, allow_incomplete=allow_incomplete,
+                  on_result=show if ranks.rank == 0 else None, tap=tap, verify=verify)
+    if ranks.rank > 0:
+        return
     _, md, rows = write_summary(out)
     typer.echo("")
     typer.echo(md.read_text())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import ProbeError, unknown_name
 from .features import FeatureSet, check_compatible, store_metadata, verify_store
+from .ranks import current as current_ranks
 from .results import write_result
 from .train import HEADS, fit, head_spec, supported_heads
 
@@ -89,10 +90,12 @@ def run_heads(pair: StorePair, heads: list[str], grid: str | dict, out: Path, *,
                     "pretrained_weights": train.meta.get("model", {}).get("pretrained_weights"),
                     "test_balanced_accuracy": probe.balanced_accuracy(test), "test_top1": probe.top1(test),
                     "n_test": len(test), "token_names": probe.token_names, "wall_seconds": time.perf_counter() - t0})
+        records.append(rec)
+        if current_ranks().rank > 0:  # every rank holds the same result; rank 0 writes it
+            continue
         att = probe.attention(test) if head_spec(h).kind == "attention" else None
         path = write_result(out, pair.dataset, pair.model, name, rec, att, probe.token_names)
         probe.save(path.with_name(path.stem + "_probe"))
-        records.append(rec)
         if on_result:
             on_result(rec)
     return records

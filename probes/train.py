@@ -32,6 +32,7 @@ from .errors import ProbeError, unknown_name
 from .features import FeatureSet
 from .heads import AttentionPoolHead, LinearHead, PerTokenLinearHead, count_parameters
 from .optim import BatchedAdamW, cosine_lr
+from .ranks import current as current_ranks
 from .selection import TokenSpec
 
 log = logging.getLogger(__name__)
@@ -377,14 +378,22 @@ def fit(train: FeatureSet, head: str = "alf", grid="paper", seed: int = 0, devic
     if len(rows) < 4:
         raise ProbeError(f"too few training samples ({len(rows)})")
     tr, va = _val_split(train.labels[rows], g.val_fraction, seed)
+    ranks = current_ranks()  # under torchrun each rank trains every world-th configuration
+    mine = ranks.share_of(len(configs))
     t0 = time.perf_counter()
-    grid_module, steps = train_configs(train, rows[tr], spec, configs, g, seed=seed, device=dev,
-                                       progress=progress, desc=f"{head}: grid of {len(configs)}",
-                                       in_memory=in_memory)
+    part: dict[int, float] = {}
+    if mine:
+        desc = f"{head}: grid of {len(configs)}" + (f" [rank {ranks.rank}/{ranks.world}: {len(mine)}]" if ranks.on else "")
+        grid_module, steps = train_configs(train, rows[tr], spec, [configs[i] for i in mine], g, seed=seed,
+                                           device=dev, progress=progress, desc=desc, in_memory=in_memory)
+        val_logits, _ = predict_logits(grid_module, train, rows[va], spec, dev)
+        y_val = train.labels[rows[va]]
+        part = {i: balanced_accuracy(y_val, val_logits[j].argmax(-1)) for j, i in enumerate(mine)}
+    else:
+        steps = max(g.epochs * math.ceil(len(tr) / g.batch_size), g.min_steps)
     grid_secs = time.perf_counter() - t0
-    val_logits, _ = predict_logits(grid_module, train, rows[va], spec, dev)
-    y_val = train.labels[rows[va]]
-    scores = [balanced_accuracy(y_val, val_logits[i].argmax(-1)) for i in range(len(configs))]
+    gathered = ranks.gather(part)
+    scores = [gathered[i] for i in range(len(configs))]
     best = int(np.argmax(scores))
     chosen = configs[best]
     t1 = time.perf_counter()
@@ -397,7 +406,7 @@ def fit(train: FeatureSet, head: str = "alf", grid="paper", seed: int = 0, devic
         "grid_results": [{**c, "val_balanced_accuracy": s} for c, s in zip(configs, scores)],
         "n_train": int(len(tr)), "n_val": int(len(va)), "n_train_all": int(len(rows)),
         "steps_grid": steps, "steps_final": final_steps, "batch_size": g.batch_size,
-        "train_seconds_grid": grid_secs, "train_seconds_final": retrain_secs,
+        "train_seconds_grid": grid_secs, "train_seconds_final": retrain_secs, "ranks": ranks.world,
         "params": count_parameters(final),
     }
     return FittedProbe(spec, final, chosen, list(train.class_names), train.token_names(spec.tokens), record, dev)

@@ -61,3 +61,28 @@ def test_two_ranks_equal_one_process_and_resume(tiny_model, tmp_path, fmt):
     c = FeatureSet.open(tmp_path / "k" / rel)
     np.testing.assert_array_equal(np.asarray(c.ap[:]), np.asarray(b.ap[:]))
     assert c.meta["chunk_checksums"] == b.meta["chunk_checksums"]
+
+
+def test_probe_grid_spread_over_two_ranks_equals_one_process(digits_stores, tmp_path):
+    """`alf probe --distributed` under torchrun: each rank trains half of the grid, scores are gathered, the
+    same configuration wins and only rank 0 writes; every configuration's score equals the one-process run."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    root = digits_stores["train"].parents[2]
+    base = ["probe", "--head", "linear,alf", "--grid", "quick", "--store-root", str(root), "--no-verify"]
+    one = subprocess.run([sys.executable, str(ROOT / "cli.py"), *base, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(29900 + os.getpid() % 90), str(ROOT / "cli.py"), *base, "--distributed", "--out", str(tmp_path / "two")]
+    two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    assert "[rank 0/2: 2]" in two.stderr and "[rank 1/2: 2]" in two.stderr  # the quick linear grid is 4 configs
+    assert two.stdout.count("test balanced acc") == 2  # rank 0 reports; rank 1 only trains
+    for head in ("linear", "alf"):
+        a, b = (json.loads(next((tmp_path / d).rglob(f"{head}.json")).read_text()) for d in ("one", "two"))
+        assert b["ranks"] == 2 and a["ranks"] == 1
+        assert b["chosen"] == a["chosen"]
+        np.testing.assert_allclose([r["val_balanced_accuracy"] for r in b["grid_results"]],
+                                   [r["val_balanced_accuracy"] for r in a["grid_results"]], atol=1e-6)
+        assert abs(b["test_balanced_accuracy"] - a["test_balanced_accuracy"]) < 1e-6
+    assert len(list((tmp_path / "two").rglob("*.json"))) == len(list((tmp_path / "one").rglob("*.json")))
