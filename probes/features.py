@@ -175,59 +175,62 @@ class FeatureSet:
     def tokens(self, rows: np.ndarray, spec: TokenSpec) -> np.ndarray:
         """(len(rows), T, D) float32 tokens for the given rows, in the spec's interleaved order.
 
-        Rows are read in sorted order as contiguous runs (chunk-friendly), then put back in the asked order.
+        Rows are read in sorted order, one read per touched chunk, each block converted straight into its
+        slots of one float32 output (no intermediate stacks); then put back in the asked order.
         """
         rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
-        layers = resolve_layers(self.num_layers, spec.layers)
-        parts = {k: self._read(getattr(self, k), srt, layers) for k in spec.kind_list()}
         if spec.kinds == "mean" and self.mean is None:
             raise ProbeError("token kind 'mean' (all tokens) exists for module taps only; choose a --tap")
-        import torch  # conversion and normalisation in torch: multi-threaded, no float64 temporaries
+        if spec.patches and self.patches is None:
+            raise ProbeError("this head needs last-layer patch tokens; extract with --patches")
+        layers = resolve_layers(self.num_layers, spec.layers)
+        kinds = spec.kind_list()
+        L = len(layers)
+        import torch  # float16 -> float32 copies and normalisation in torch: ~9x faster than numpy's cast
 
-        t = {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in parts.items()}
-        if spec.kinds == "cls+ap":
-            x = torch.stack([t["cls"], t["ap"]], dim=2).flatten(1, 2)  # [CLS_1, AP_1, CLS_2, ...]
-        else:
-            x = t[spec.kinds]
+        out = np.empty((len(srt), L * len(kinds) + (self.num_patches if spec.patches else 0), self.width), np.float32)
+        x = torch.from_numpy(out)
+        for j, k in enumerate(kinds):  # cls+ap interleaves [CLS_1, AP_1, CLS_2, ...]
+            slots = slice(j, L * len(kinds), len(kinds))
+            for pos, block in self._blocks(getattr(self, k), srt, layers):
+                x[pos:pos + len(block), slots].copy_(torch.from_numpy(np.ascontiguousarray(block)))
         if spec.patches:
-            if self.patches is None:
-                raise ProbeError("this head needs last-layer patch tokens; extract with --patches")
-            x = torch.cat([x, torch.from_numpy(np.ascontiguousarray(self._read(self.patches, srt, None))).float()], 1)
+            for pos, block in self._blocks(self.patches, srt, None):
+                x[pos:pos + len(block), L * len(kinds):].copy_(torch.from_numpy(np.ascontiguousarray(block)))
         norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # non-finite iff some element is
         bad = ~torch.isfinite(norms).reshape(len(srt), -1).all(dim=1)
         if bool(bad.any()):
             rows_bad = srt[bad.nonzero()[:, 0].numpy()[:3]]
             raise ProbeError(f"non-finite tokens in rows {rows_bad.tolist()}" + (f" of '{self.path}'" if self.path else ""))
         if spec.normalise:
-            x = x.div_(norms.clamp_min_(1e-12))
-        out = x.numpy()
+            x.div_(norms.clamp_min_(1e-12))
         if np.array_equal(order, np.arange(len(order))):
             return out  # asked in sorted order already: no reordering copy
         inv = np.empty_like(order)
         inv[order] = np.arange(len(order))
         return out[inv]
 
-    def _read(self, arr, sorted_rows: np.ndarray, layers) -> np.ndarray:
-        """Rows (sorted) of a numpy array or a chunked store array; for the latter one read per touched
-        chunk (the span of the asked rows inside it), so scattered rows never decompress a chunk twice."""
+    def _blocks(self, arr, sorted_rows: np.ndarray, layers):
+        """(position in sorted_rows, rows block) pieces of a numpy array or a chunked store array; for the
+        latter one read per touched chunk (the span of the asked rows inside it), so scattered rows never
+        decompress a chunk twice."""
         if layers is not None and list(layers) == list(range(arr.shape[1])):
             layers = None  # every layer: no fancy-index copy
         if isinstance(arr, np.ndarray):
             sel = arr[sorted_rows]
-            return sel[:, layers] if layers is not None else sel
-        if len(sorted_rows) == 0:
-            return np.zeros((0, len(layers) if layers is not None else arr.shape[1], arr.shape[2]), np.float32)
+            yield 0, (sel[:, layers] if layers is not None else sel)
+            return
         chunk = sorted_rows // self.chunk_rows
-        out = []
-        for part in np.split(sorted_rows, np.flatnonzero(np.diff(chunk)) + 1):
+        pos = 0
+        for part in np.split(sorted_rows, np.flatnonzero(np.diff(chunk)) + 1) if len(sorted_rows) else []:
             a, b = int(part[0]), int(part[-1]) + 1
             block = np.asarray(arr[a:b])
             if b - a != len(part):
                 block = block[part - a]
-            out.append(block[:, layers] if layers is not None else block)
-        return np.concatenate(out)
+            yield pos, (block[:, layers] if layers is not None else block)
+            pos += len(part)
 
     def close(self) -> None:
         if self._handle is not None and hasattr(self._handle, "close"):

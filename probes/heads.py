@@ -30,6 +30,13 @@ def _linear_init(fan_in: int, fan_out: int, bias: bool = True):
     return lin.weight.detach().t().contiguous(), (lin.bias.detach().clone() if bias else None)
 
 
+def _biased_var(x: torch.Tensor, mean: torch.Tensor, dim: int) -> torch.Tensor:
+    """Population variance by the two-pass formula: equals x.var(dim, unbiased=False), whose CPU kernel is
+    ~5x slower when reducing over the leading (batch) axis."""
+    d = x - mean.unsqueeze(dim)
+    return (d * d).mean(dim)
+
+
 class BatchedBatchNorm(nn.Module):
     """BatchNorm1d (affine, momentum 0.1) applied independently per configuration: x (G, B, F)."""
 
@@ -44,7 +51,7 @@ class BatchedBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
         if self.training:
             mean = x.mean(dim=1)
-            var = x.var(dim=1, unbiased=False)
+            var = _biased_var(x, mean, 1)
             n = x.shape[1]
             with torch.no_grad():
                 m = self.momentum
@@ -92,7 +99,8 @@ class LinearHead(nn.Module):
             g = len(range(self.G)[sl])
             return self.classifier(flat.unsqueeze(0).expand(g, -1, -1), sl)
         bn, clf = self.classifier.bn, self.classifier
-        mean, var = flat.mean(0), flat.var(0, unbiased=False)
+        mean = flat.mean(0)
+        var = _biased_var(flat, mean, 0)
         with torch.no_grad():
             m = bn.momentum
             bn.running_mean[sl] = (1 - m) * bn.running_mean[sl] + m * mean

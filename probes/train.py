@@ -17,12 +17,12 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_class_weight
@@ -143,7 +143,8 @@ class BatchStream:
 
     In memory: tokens are read once. Otherwise (store larger than the RAM budget) each epoch visits
     chunk-sized blocks in random order and shuffles rows inside windows of blocks, so every block is
-    read once per epoch with contiguous reads. The order depends on the seed only.
+    read once per epoch with contiguous reads, the next window decoding in a background thread while the
+    current one is consumed (at most two windows of 4 batches in RAM). The order depends on the seed only.
     """
 
     def __init__(self, fs: FeatureSet, rows: np.ndarray, spec: TokenSpec, batch_size: int, seed: int,
@@ -172,18 +173,33 @@ class BatchStream:
         blocks = np.split(self.rows, np.flatnonzero(np.diff(self.rows // self.fs.chunk_rows)) + 1)
         order = self.rng.permutation(len(blocks))
         per_window = max(1, math.ceil(4 * self.B / max(1, self.fs.chunk_rows)))
-        carry_x, carry_y = None, None
-        for w in range(0, len(order), per_window):
-            rows = np.sort(np.concatenate([blocks[i] for i in order[w:w + per_window]]))  # shuffled below
-            x, y = self.fs.tokens(rows, self.spec), self.labels[rows]
+        windows = [np.sort(np.concatenate([blocks[i] for i in order[w:w + per_window]]))
+                   for w in range(0, len(order), per_window)]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alf-prefetch") as pool:
+            yield from self._windows(windows, pool)
+
+    def _windows(self, windows: list[np.ndarray], pool: ThreadPoolExecutor):
+        """Batches from windows of rows; the next window is read and decoded in the background meanwhile."""
+        carry_x, carry_y = None, None  # fewer than B rows left over from the previous window
+        ahead = pool.submit(self.fs.tokens, windows[0], self.spec)
+        for w, rows in enumerate(windows):
+            x, y = ahead.result(), self.labels[rows]
+            if w + 1 < len(windows):
+                ahead = pool.submit(self.fs.tokens, windows[w + 1], self.spec)
             perm = self.rng.permutation(len(rows))
-            x, y = x[perm], y[perm]
-            if carry_x is not None:
-                x, y = np.concatenate([carry_x, x]), np.concatenate([carry_y, y])
-            full = len(x) // self.B * self.B
-            for s in range(0, full, self.B):
-                yield x[s:s + self.B], y[s:s + self.B]
-            carry_x, carry_y = x[full:], y[full:]
+            s = 0
+            if carry_x is not None:  # complete the straddling batch, then gather whole batches from the window
+                s = min(self.B - len(carry_x), len(perm))
+                carry_x, carry_y = np.concatenate([carry_x, x[perm[:s]]]), np.concatenate([carry_y, y[perm[:s]]])
+                if len(carry_x) < self.B:
+                    continue
+                yield carry_x, carry_y
+            full = (len(perm) - s) // self.B
+            for i in range(full):
+                pos = perm[s + i * self.B:s + (i + 1) * self.B]
+                yield x[pos], y[pos]
+            s += full * self.B
+            carry_x, carry_y = x[perm[s:]], y[perm[s:]]
         if carry_x is not None and len(carry_x) >= 2:
             yield carry_x, carry_y
 
@@ -199,7 +215,9 @@ def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: torch
     """Class-weighted mean cross-entropy per configuration: logits (G, B, C) -> (G,).
     Per slice it equals F.cross_entropy(logits[g], y, weight=weights)."""
     g, B, C = logits.shape
-    ce = F.cross_entropy(logits.reshape(g * B, C), y.repeat(g), reduction="none").view(g, B)
+    # log-sum-exp minus the true class's logit: the same value as F.cross_entropy, 3x faster on CPU for few
+    # classes (whose log_softmax kernel is slow along a short last axis)
+    ce = logits.logsumexp(-1) - logits.gather(-1, y.view(1, B, 1).expand(g, B, 1)).squeeze(-1)
     w = weights[y]
     return (ce * w).sum(1) / w.sum()
 
@@ -236,13 +254,19 @@ def train_configs(fs: FeatureSet, rows: np.ndarray, spec: HeadSpec, configs: lis
     gs = group_size or _group_size(spec, G, grid.batch_size, T, D)
     groups = [slice(s, min(G, s + gs)) for s in range(0, G, gs)]
     H = getattr(module, "num_heads", 1)
+    noisy = grid.noise_std > 0 and grid.noise_p > 0
+    # dropout masks: drawn for every attention head (whatever its rate: configurations share the random stream,
+    # alone or in any grid); linear heads have no dropout and draw none
+    dropping = spec.kind == "attention"
     for step in tqdm(range(steps), desc=desc or f"train {spec.name} x{G}", disable=not progress, leave=False):
         xb, yb = next(stream)
         x = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32))
         B = x.shape[0]
-        apply = (torch.rand(B, 1, 1, generator=gen) < grid.noise_p).float()
-        x = x + apply * torch.randn(x.shape, generator=gen) * grid.noise_std
-        drop_u = (torch.rand(B, H, T, generator=gen).to(device), torch.rand(B, D, generator=gen).to(device))
+        if noisy:  # Gaussian noise on a random subset of the samples (drawn only for those)
+            hit = (torch.rand(B, generator=gen) < grid.noise_p).nonzero().squeeze(1)
+            x = x.index_add(0, hit, torch.randn((len(hit), *x.shape[1:]), generator=gen), alpha=grid.noise_std)
+        drop_u = (torch.rand(B, H, T, generator=gen).to(device),
+                  torch.rand(B, D, generator=gen).to(device)) if dropping else None
         x, y = x.to(device), torch.from_numpy(yb).to(device)
         opt.zero_grad()
         for sl in groups:

@@ -195,8 +195,15 @@ def test_streaming_batches_match_in_memory_set(planted_sets):
 
     s = BatchStream(train, train.rows, TokenSpec("all", "cls+ap"), 256, seed=0, in_memory=False)
     it = iter(s)
-    seen = np.concatenate([next(it)[1] for _ in range(5)])  # first epoch: 1200 rows in batches of 256
+    batches = [next(it) for _ in range(5)]  # first epoch: 1200 rows in batches of 256
+    assert [len(b[1]) for b in batches] == [256, 256, 256, 256, 176]
+    seen = np.concatenate([b[1] for b in batches])
     assert len(seen) == 1200 and sorted(np.bincount(seen)) == sorted(np.bincount(train.labels))
+    # every row exactly once, with the tokens the in-memory reader gives it
+    streamed = np.concatenate([b[0] for b in batches]).reshape(1200, -1)
+    ref = train.tokens(train.rows, TokenSpec("all", "cls+ap")).reshape(1200, -1)
+    key = lambda a: a[np.lexsort(a[:, :4].T)]  # noqa: E731
+    np.testing.assert_array_equal(key(streamed), key(ref))
     lin = fit(train, "alf", grid=QUICK, progress=False, in_memory=False)
     assert lin.balanced_accuracy(test) >= 95.0
 
