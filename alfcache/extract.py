@@ -22,6 +22,7 @@ from . import __version__
 from .backbones import Backbone, load_backbone
 from .datasets import ImageSource, dataset_slug, open_source
 from .errors import AlfError
+from .numerics import amp_agreement, attention_backend, resolve_autocast
 from .plan import free_bytes, human_bytes
 from .stores import (FORMAT, FORMAT_VERSION, attach_sink, chunk_rows_for, default_out, open_sink, os_error,
                      safe_component, store_lock, store_path)
@@ -43,7 +44,7 @@ class ExtractConfig:
     batch_size: int = 128
     workers: int = 2
     device: str = "auto"
-    amp: bool = True
+    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
     overwrite: bool = False
     chunk_rows: int | None = None
     skip_corrupt: bool = False
@@ -84,6 +85,15 @@ class _ImageDataset(torch.utils.data.Dataset):
         except AlfError as e:
             x, err = torch.zeros(self.input_size), str(e)
         return x, int(self.source.labels[i]), i, err
+
+
+def _check_batch(source: ImageSource, transform, bb: Backbone, device: torch.device, k: int = 16) -> torch.Tensor:
+    """The first k readable images of a split, for the autocast agreement check."""
+    ds = _ImageDataset(source, transform, bb.data_config["input_size"])
+    xs = [x for x, _, _, err in (ds[i] for i in range(min(len(ds), 4 * k))) if not err][:k]
+    if not xs:
+        raise AlfError(f"no readable image among the first {min(len(ds), 4 * k)} of split '{source.split}'")
+    return torch.stack(xs).to(device)
 
 
 class _ChunkBatches(torch.utils.data.Sampler):
@@ -220,6 +230,7 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
         raise AlfError("--batch-size must be at least 1")
     sources = [open_source(cfg.dataset, s) for s in cfg.splits]  # validate names before loading a model
     device = resolve_device(cfg.device)
+    autocast = resolve_autocast(cfg.amp, device)  # a bad --amp fails before any model is loaded
     dist = Dist(cfg.distributed, device)
     if dist.on and device.type == "cuda":
         device = torch.device("cuda", dist.rank % torch.cuda.device_count())
@@ -232,9 +243,12 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
                              num_registers=bb.num_registers if cfg.registers else 0)
     shapes = probe_shapes(bb, collector)
     transform = bb.transform()
-    autocast = None
-    if device.type == "cuda" and cfg.amp:
-        autocast = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    numerics = {"attention": attention_backend(bb.model, device), "amp_check": None}
+    if autocast:  # compare with float32 on a few real images before anything is written
+        numerics["amp_check"] = amp_agreement(bb.forward, collector, _check_batch(sources[0], transform, bb, device),
+                                              autocast)
+        log.info("autocast %s agrees with float32: worst token cosine %.5f", autocast,
+                 numerics["amp_check"]["min_cosine"])
     out = Path(cfg.out) if cfg.out else default_out()
     model_slug = bb.name
     results = []
@@ -244,7 +258,7 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
     weights_fingerprint = bb.fingerprint()  # hashes every weight: once per run, not once per split
     for source in sources:
         meta = build_metadata(bb, source, plan, cfg, shapes, rows, autocast, weights_fingerprint)
-        meta["extraction"]["device_type"] = device.type
+        meta["extraction"].update(device_type=device.type, **numerics)
         path = store_path(out, dataset_slug(cfg.dataset), safe_component(model_slug), source.split, cfg.fmt)
         need = row_bytes * len(source) * (2 if cfg.fmt == "h5" else 1)  # h5: staged chunks + final file
         free = free_bytes(path.parent)

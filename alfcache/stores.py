@@ -36,7 +36,8 @@ ENV_OUT = "ALF_FEATURES"
 PROGRESS = "alf_progress.json"
 # metadata keys that must agree for a rerun to continue (resume) an existing store
 IDENTITY_KEYS = ("model.source_id", "model.fingerprint", "preprocessing", "taps", "arrays", "dtype",
-                 "dataset.name", "dataset.fingerprint", "split", "num_samples", "chunk_rows", "format_version")
+                 "dataset.name", "dataset.fingerprint", "split", "num_samples", "chunk_rows", "format_version",
+                 "extraction.autocast")
 
 
 def default_out() -> Path:

@@ -20,7 +20,7 @@ STORE_FORMAT = "alfcache-store"
 MUST_MATCH = (("model.source_id", "model"), ("model.fingerprint", "weights fingerprint"),
               ("taps.modules", "taps"), ("dtype", "dtype"), ("class_names", "class names"),
               ("width", "width"), ("num_layers", "layers"), ("preprocessing", "preprocessing"),
-              ("dataset.name", "dataset"))
+              ("dataset.name", "dataset"), ("extraction.autocast", "autocast precision"))
 
 
 def _get(meta: dict, dotted: str):
