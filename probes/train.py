@@ -105,6 +105,10 @@ class Grid:
     clip: float = 5.0
     val_fraction: float = 0.2
 
+    def steps(self, n: int) -> int:
+        """Optimiser steps for n training samples: the epochs, and at least min_steps."""
+        return max(self.epochs * math.ceil(n / self.batch_size), self.min_steps)
+
     def configs(self, kind: str) -> list[dict]:
         drops = self.dropout if kind == "attention" else (0.0,)
         return [{"lr": float(lr), "wd": float(wd), "dropout": float(d)}
@@ -248,7 +252,7 @@ def train_configs(fs: FeatureSet, rows: np.ndarray, spec: HeadSpec, configs: lis
     wd = torch.tensor([c["wd"] for c in configs], device=device)
     opt = BatchedAdamW(module.parameters(), lr, wd)
     weights = _class_weights(y_all, C).to(device)
-    steps = max(grid.epochs * math.ceil(len(rows) / grid.batch_size), grid.min_steps)
+    steps = grid.steps(len(rows))
     stream = iter(BatchStream(fs, rows, spec.tokens, grid.batch_size, seed, in_memory=in_memory))
     gen = torch.Generator().manual_seed(seed + 1)
     gs = group_size or _group_size(spec, G, grid.batch_size, T, D)
@@ -414,7 +418,7 @@ def fit(train: FeatureSet, head: str = "alf", grid="paper", seed: int = 0, devic
         y_val = train.labels[rows[va]]
         part = {i: balanced_accuracy(y_val, val_logits[j].argmax(-1)) for j, i in enumerate(mine)}
     else:
-        steps = max(g.epochs * math.ceil(len(tr) / g.batch_size), g.min_steps)
+        steps = g.steps(len(tr))  # this rank trained nothing; the record still names the grid's step count
     grid_secs = time.perf_counter() - t0
     gathered = ranks.gather(part)
     scores = [gathered[i] for i in range(len(configs))]
