@@ -64,7 +64,8 @@ class BatchedBatchNorm(nn.Module):
 
 
 class Classifier(nn.Module):
-    """BatchNorm1d -> Linear, batched over G."""
+    """BatchNorm1d -> Linear, batched over G. Logits (G, B, C) are laid out class-major in memory (a transposed
+    view of (G, C, B)), so the loss's reductions over the few classes run along long rows."""
 
     def __init__(self, G: int, features: int, num_classes: int):
         super().__init__()
@@ -74,7 +75,7 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
         x = self.bn(x, sl)
-        return torch.baddbmm(self.bias[sl].unsqueeze(1), x, self.weight[sl])
+        return torch.baddbmm(self.bias[sl].unsqueeze(-1), self.weight[sl].transpose(1, 2), x.transpose(1, 2)).transpose(1, 2)
 
 
 class LinearHead(nn.Module):
@@ -99,19 +100,18 @@ class LinearHead(nn.Module):
             g = len(range(self.G)[sl])
             return self.classifier(flat.unsqueeze(0).expand(g, -1, -1), sl)
         bn, clf = self.classifier.bn, self.classifier
-        mean = flat.mean(0)
-        var = _biased_var(flat, mean, 0)
+        mean, var = flat.new_zeros(flat.shape[1]), flat.new_ones(flat.shape[1])
+        # torch's kernel normalises and, with momentum 1, leaves the batch mean and unbiased variance in mean/var
+        xn = F.batch_norm(flat, mean, var, training=True, momentum=1.0, eps=bn.eps)  # (B, F), shared
         with torch.no_grad():
-            m = bn.momentum
-            bn.running_mean[sl] = (1 - m) * bn.running_mean[sl] + m * mean
-            bn.running_var[sl] = (1 - m) * bn.running_var[sl] + m * var * (B / max(B - 1, 1))
-        xn = (flat - mean) * torch.rsqrt(var + bn.eps)  # (B, F), shared
+            bn.running_mean[sl].lerp_(mean, bn.momentum)
+            bn.running_var[sl].lerp_(var, bn.momentum)
         W = clf.weight[sl]  # (g, F, C)
         g, F_, C = W.shape
         Wf = bn.weight[sl].unsqueeze(-1) * W
         bias = torch.einsum("gf,gfc->gc", bn.bias[sl], W) + clf.bias[sl]
-        out = (xn @ Wf.permute(1, 0, 2).reshape(F_, g * C)).view(B, g, C).transpose(0, 1)
-        return out + bias.unsqueeze(1)
+        out = torch.addmm(bias.reshape(g * C, 1), Wf.permute(1, 0, 2).reshape(F_, g * C).t(), xn.t())  # (g*C, B)
+        return out.view(g, C, B).transpose(1, 2)  # class-major, as Classifier
 
     def config(self) -> dict:
         return {"kind": self.kind, "num_tokens": self.num_tokens, "width": self.width, "num_classes": self.num_classes}

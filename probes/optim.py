@@ -16,45 +16,65 @@ def cosine_lr(base: torch.Tensor, step: int, total: int, min_lr: float) -> torch
 
 
 class BatchedAdamW:
+    """AdamW over parameters that all carry the grid axis G first, with a learning rate and a weight decay per
+    configuration (lr, weight_decay: (G,)).
+
+    The parameters are moved into one flat (G, P) buffer (each becomes a view of its columns) and their
+    gradients into another, so an optimiser step and the per-configuration clipping are a dozen tensor
+    operations whatever the number of parameters (per-parameter loops cost more than the arithmetic for small
+    heads). A gradient assigned by hand (`p.grad = t`) is honoured: it is copied into the buffer. Run backward
+    under `torch.autograd.enforce_grad_layout_policy(False)`: the views are not dense, and torch would otherwise
+    warn that their gradients keep the parameters' strides (which is what is wanted here)."""
+
     def __init__(self, params, lr: torch.Tensor, weight_decay: torch.Tensor, betas=(0.9, 0.999), eps=1e-8):
         self.params = [p for p in params if p.requires_grad]
         self.lr, self.wd = lr.float(), weight_decay.float()
         self.betas, self.eps, self.t = betas, eps, 0
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
+        G = len(self.lr)
+        if any(p.shape[0] != G for p in self.params):
+            raise ValueError(f"every parameter needs the grid axis G={G} first")
+        with torch.no_grad():
+            self.flat = torch.cat([p.detach().reshape(G, -1) for p in self.params], 1)
+        self.grad = torch.zeros_like(self.flat)
+        self.views, off = [], 0
+        for p in self.params:
+            n = p[0].numel()
+            p.data = self.flat[:, off:off + n].view(p.shape)
+            self.views.append(self.grad[:, off:off + n].view(p.shape))
+            off += n
+        self.m, self.v = torch.zeros_like(self.flat), torch.zeros_like(self.flat)
 
     def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
+        self.grad.zero_()
+        for p, g in zip(self.params, self.views):
+            p.grad = g  # backward accumulates into the buffer in place
+
+    def _gather_grads(self) -> None:
+        for p, g in zip(self.params, self.views):
+            if p.grad is None:
+                g.zero_()
+            elif p.grad.data_ptr() != g.data_ptr() or p.grad.stride() != g.stride():
+                g.copy_(p.grad)
+                p.grad = g
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip each configuration's whole gradient to `max_norm` (as torch.nn.utils.clip_grad_norm_)."""
-        sq = None
-        for p in self.params:
-            if p.grad is None:
-                continue
-            s = p.grad.pow(2).reshape(p.shape[0], -1).sum(1)
-            sq = s if sq is None else sq + s
-        norm = sq.sqrt()
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.mul_(coef.view(-1, *([1] * (p.dim() - 1))))
+        self._gather_grads()
+        norm = self.grad.pow(2).sum(1).sqrt_()
+        coef = (max_norm / (norm + 1e-6)).clamp_(max=1.0)
+        self.grad.mul_(coef.unsqueeze(1))
         return norm
 
     @torch.no_grad()
     def step(self, lr: torch.Tensor) -> None:
+        self._gather_grads()
         self.t += 1
         b1, b2 = self.betas
         bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for p, m, v in zip(self.params, self.m, self.v):
-            if p.grad is None:
-                continue
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            lr_g, wd_g = lr.view(shape), self.wd.view(shape)
-            p.mul_(1 - lr_g * wd_g)
-            m.mul_(b1).add_(p.grad, alpha=1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            denom = (v / bc2).sqrt_().add_(self.eps)
-            p.sub_(lr_g * (m / bc1) / denom)
+        lr = lr.float().unsqueeze(1)
+        self.flat.mul_(1 - lr * self.wd.unsqueeze(1))
+        self.m.lerp_(self.grad, 1 - b1)
+        self.v.mul_(b2).addcmul_(self.grad, self.grad, value=1 - b2)
+        denom = self.v.sqrt().div_(math.sqrt(bc2)).add_(self.eps)
+        self.flat.sub_(self.m.div(denom).mul_(lr / bc1))

@@ -147,16 +147,56 @@ def test_batched_adamw_and_clipping_equal_torch():
         torch.testing.assert_close(W.detach()[g], refs[g].detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_batched_adamw_through_backward_equals_torch():
+    """The optimiser keeps parameters and gradients in flat buffers: training a batched head through real
+    backward passes equals torch.optim.AdamW + clip_grad_norm_ on each configuration's own copy."""
+    torch.manual_seed(0)
+    lrs, wds = torch.tensor([1e-1, 1e-3]), torch.tensor([1e-4, 1e-1])
+    head = LinearHead(2, 2, 6, 3)
+    head.train()
+    refs = [LinearHead(1, 2, 6, 3) for _ in range(2)]
+    for g, r in enumerate(refs):
+        r.load_state_dict({k: v[g:g + 1].clone() for k, v in head.state_dict().items()})
+        r.train()
+    ours = BatchedAdamW(head.parameters(), lrs, wds)
+    theirs = [torch.optim.AdamW(r.parameters(), lr=float(lrs[g]), weight_decay=float(wds[g])) for g, r in enumerate(refs)]
+    w = torch.ones(3)
+    for step in range(5):
+        x, y = torch.randn(16, 2, 6), torch.randint(0, 3, (16,))
+        ours.zero_grad()
+        with torch.autograd.enforce_grad_layout_policy(False):
+            weighted_cross_entropy(head(x), y, w).sum().backward()
+        ours.clip_grad_norm(0.5)
+        ours.step(lrs)
+        for g, r in enumerate(refs):
+            theirs[g].zero_grad()
+            weighted_cross_entropy(r(x), y, w).sum().backward()
+            torch.nn.utils.clip_grad_norm_(r.parameters(), 0.5)
+            theirs[g].step()
+    assert all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(ours.params, ours.views))  # no copies made
+    for g, r in enumerate(refs):
+        for (name, p), (_, q) in zip(head.state_dict().items(), r.state_dict().items()):
+            torch.testing.assert_close(p[g], q[0], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_class_weighted_loss():
     y = np.array([0] * 6 + [1] * 3 + [2])
     w = _class_weights(y, 4)
     np.testing.assert_allclose(w[:3].numpy(), [10 / 18, 10 / 9, 10 / 3], rtol=1e-6)
     assert w[3] == 0  # a class absent from training
-    logits = torch.randn(2, 10, 4)
     yt = torch.from_numpy(y)
-    ours = weighted_cross_entropy(logits, yt, w)
-    for g in range(2):
-        torch.testing.assert_close(ours[g], F.cross_entropy(logits[g], yt, weight=w))
+    # ordinary and confident logits (most exp arguments underflow), row-major and class-major layouts
+    for scale in (1.0, 200.0):
+        base = torch.randn(2, 4, 10) * scale
+        for logits in (base.transpose(1, 2).contiguous(), base.transpose(1, 2)):
+            lg = logits.clone().requires_grad_() if logits.is_contiguous() else logits.detach().requires_grad_()
+            ours = weighted_cross_entropy(lg, yt, w)
+            (ours * torch.tensor([1.0, -2.0])).sum().backward()
+            ref = logits.detach().clone().requires_grad_()
+            theirs = torch.stack([F.cross_entropy(ref[g], yt, weight=w) for g in range(2)])
+            (theirs * torch.tensor([1.0, -2.0])).sum().backward()
+            torch.testing.assert_close(ours, theirs)
+            torch.testing.assert_close(lg.grad, ref.grad)
 
 
 def test_weighted_training_helps_minority_classes():
