@@ -185,24 +185,35 @@ class AttentionPoolHead(nn.Module):
         return self.classifier(out, sl)
 
     def forward(self, x: torch.Tensor, sl: slice = slice(None), drop_u=None) -> torch.Tensor:
-        """Factored single-query attention: never forms per-token keys or values. x (B, T, D)."""
+        """Factored single-query attention: never forms per-token keys or values. x (B, T, D).
+
+        Layout: the logits of all configurations and heads come from one matrix product as (B, T, g*H), the
+        softmax runs over T (a middle axis, so along long contiguous rows), the pooling is one batched product
+        per sample and the value projection one per (configuration, head), reading the pooled vectors in place.
+        Same function as `forward_direct`; 2x faster than einsum-ordered code for a 21-configuration grid."""
         drop_a, drop_o = drop_u if drop_u is not None else (None, None)
-        xhat = F.layer_norm(x, (self.width,), eps=self.eps)  # shared by every configuration
+        B, T, D = x.shape
+        H, e = self.num_heads, self.head_dim
+        xhat = F.layer_norm(x, (D,), eps=self.eps)  # shared by every configuration
         q = self._queries(sl)
         g = q.shape[0]
-        wk = self.w_k[sl].view(g, self.width, self.num_heads, self.head_dim)
-        u = torch.einsum("gdhe,ghe->ghd", wk, q) * self.ln_k_weight[sl].unsqueeze(1) / math.sqrt(self.head_dim)
-        logits = torch.einsum("btd,ghd->gbht", xhat, u)  # + per-head constant, which softmax cancels
-        a = logits.softmax(dim=-1)
-        self._last_attention = a.detach()
-        a = self._drop_attention(a, sl, drop_a)
-        pooled = torch.einsum("gbht,btd->gbhd", a, xhat)
+        wk = self.w_k[sl].view(g, D, H, e)
+        u = torch.einsum("gdhe,ghe->ghd", wk, q) * self.ln_k_weight[sl].unsqueeze(1) / math.sqrt(e)
+        logits = torch.matmul(xhat, u.reshape(g * H, D).t())  # (B, T, gH); + per-head constants, which cancel
+        a = logits.softmax(dim=1)
+        self._last_attention = a.detach().view(B, T, g, H).permute(2, 0, 3, 1)  # (g, B, H, T) view
+        if self.training and drop_a is not None:  # drop_a (B, H, T): the same draws for every configuration
+            p = self.dropout[sl].view(1, 1, g, 1)
+            keep = (drop_a.transpose(1, 2).unsqueeze(2) >= p).to(a.dtype)
+            a = (a.view(B, T, g, H) * keep / (1 - p)).view(B, T, g * H)
+        pooled = torch.bmm(a.transpose(1, 2), xhat)  # (B, gH, D)
         # ((sum_t a xhat) * g_v + (sum_t a) b_v) W_v = pooled (g_v W_v) + (sum_t a) (b_v W_v): fold the LN affine
-        wv = self.w_v[sl].view(g, self.width, self.num_heads, self.head_dim)
-        v = torch.einsum("gbhd,gdhe->gbhe", pooled, self.ln_v_weight[sl].view(g, -1, 1, 1) * wv)
-        bv = torch.einsum("gd,gdhe->ghe", self.ln_v_bias[sl], wv)
-        v = v + a.sum(-1).unsqueeze(-1) * bv.unsqueeze(1)
-        return self._output(v, sl, drop_o)
+        wv = self.w_v[sl].view(g, D, H, e)
+        wv_g = (self.ln_v_weight[sl].view(g, D, 1, 1) * wv).permute(0, 2, 1, 3).reshape(g * H, D, e)
+        v = torch.bmm(pooled.transpose(0, 1), wv_g)  # (gH, B, e)
+        bv = torch.einsum("gd,gdhe->ghe", self.ln_v_bias[sl], wv).reshape(g * H, 1, e)
+        v = v + a.sum(1).t().unsqueeze(-1) * bv  # sum_t a is 1 unless attention dropout removed some
+        return self._output(v.view(g, H, B, e).permute(0, 2, 1, 3), sl, drop_o)
 
     def forward_direct(self, x: torch.Tensor, sl: slice = slice(None), drop_u=None) -> torch.Tensor:
         """Textbook order: LayerNorm and project every token to keys and values, then attend."""

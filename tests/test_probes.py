@@ -114,12 +114,19 @@ def test_grid_in_one_pass_equals_each_config_alone(head):
     together, _ = train_configs(fs, rows, spec, configs, grid, seed=3, device=torch.device("cpu"), progress=False,
                                 group_size=2)  # two groups per step, same batches
     lt, _ = predict_logits(together, fs, rows, spec, torch.device("cpu"))
+    # The attention pool's output bias (and, without attention dropout, the value LayerNorm's bias) feeds the
+    # classifier's BatchNorm, which removes it: its gradient is zero up to float rounding, which differs with
+    # the matrix shapes (g configurations vs 1), and Adam scales any nonzero gradient to a step of about lr.
+    # Those parameters drift differently; the BatchNorm's running mean follows them, so eval logits agree
+    # to ~1e-2 instead of ~1e-6. Every other parameter agrees tightly.
+    rounding_driven = {"proj_bias", "ln_v_bias", "classifier.bn.running_mean"} if spec.kind == "attention" else set()
     for i, c in enumerate(configs):
         alone, _ = train_configs(fs, rows, spec, [c], grid, seed=3, device=torch.device("cpu"), progress=False)
         la, _ = predict_logits(alone, fs, rows, spec, torch.device("cpu"))
-        np.testing.assert_allclose(lt[i], la[0], rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(lt[i], la[0], rtol=1e-3, atol=2e-2 if rounding_driven else 1e-4)
+        assert (lt[i].argmax(-1) == la[0].argmax(-1)).mean() >= 0.99
         for (name, pt), (_, pa) in zip(together.state_dict().items(), alone.state_dict().items()):
-            if pt.dim() and pt.shape[0] == len(configs):
+            if pt.dim() and pt.shape[0] == len(configs) and name not in rounding_driven:
                 torch.testing.assert_close(pt[i], pa[0], rtol=1e-3, atol=1e-4, msg=name)
 
 
