@@ -159,6 +159,7 @@ class BatchStream:
         need = len(rows) * T * fs.width * 4
         self.in_memory = need <= ram_budget if in_memory is None else in_memory
         self.labels = fs.labels
+        self._buffers = None  # streaming: two window buffers, reused
         if self.in_memory:
             self.tokens = fs.tokens(self.rows, spec)
 
@@ -183,13 +184,19 @@ class BatchStream:
             yield from self._windows(windows, pool)
 
     def _windows(self, windows: list[np.ndarray], pool: ThreadPoolExecutor):
-        """Batches from windows of rows; the next window is read and decoded in the background meanwhile."""
+        """Batches from windows of rows; the next window is read and decoded in the background meanwhile,
+        into the other of two buffers kept across epochs (every batch handed out is a copy)."""
+        most = max(len(r) for r in windows)
+        if self._buffers is None or len(self._buffers[0]) < most:
+            T = len(self.fs.token_names(self.spec))
+            self._buffers = [np.empty((most, T, self.fs.width), np.float32) for _ in range(2)]
+        read = lambda w: self.fs.tokens(windows[w], self.spec, out=self._buffers[w % 2])
         carry_x, carry_y = None, None  # fewer than B rows left over from the previous window
-        ahead = pool.submit(self.fs.tokens, windows[0], self.spec)
+        ahead = pool.submit(read, 0)
         for w, rows in enumerate(windows):
             x, y = ahead.result(), self.labels[rows]
-            if w + 1 < len(windows):
-                ahead = pool.submit(self.fs.tokens, windows[w + 1], self.spec)
+            if w + 1 < len(windows):  # window w - 1's buffer: all its batches were copied out
+                ahead = pool.submit(read, w + 1)
             perm = self.rng.permutation(len(rows))
             s = 0
             if carry_x is not None:  # complete the straddling batch, then gather whole batches from the window

@@ -251,6 +251,14 @@ def test_streaming_batches_match_in_memory_set(planted_sets):
     ref = train.tokens(train.rows, TokenSpec("all", "cls+ap")).reshape(1200, -1)
     key = lambda a: a[np.lexsort(a[:, :4].T)]  # noqa: E731
     np.testing.assert_array_equal(key(streamed), key(ref))
+    # later epochs read into the same two window buffers while batches of the previous window are in use
+    for _ in range(2):
+        again = [next(it) for _ in range(5)]
+        assert [len(b[1]) for b in again] == [256, 256, 256, 256, 176]
+        np.testing.assert_array_equal(key(np.concatenate([b[0] for b in again]).reshape(1200, -1)), key(ref))
+    buf = np.empty((1300, len(train.token_names(TokenSpec("all", "cls+ap"))), train.width), np.float32)
+    got = train.tokens(train.rows[:1000], TokenSpec("all", "cls+ap"), out=buf)
+    assert np.shares_memory(got, buf) and np.array_equal(got.reshape(1000, -1), ref[:1000])
     lin = fit(train, "alf", grid=QUICK, progress=False, in_memory=False)
     assert lin.balanced_accuracy(test) >= 95.0
 
