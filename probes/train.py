@@ -229,8 +229,9 @@ EXP_FLOOR = -60.0  # exp(-60) ~ 9e-27: nothing next to the largest term (exp(0) 
 class _WeightedCrossEntropy(torch.autograd.Function):
     """Class-weighted mean cross-entropy per configuration, forward and backward written out.
 
-    Equals F.cross_entropy(logits[g], y, weight=weights) per slice to float32 rounding, 4-6x faster on CPU for a
-    grid: it keeps the memory layout of the logits (the heads emit them class-major, so reductions over the
+    Equals F.cross_entropy(logits[g], y, weight=weights) per slice to float32 rounding; forward + backward for a
+    21-config grid of 862 samples on CPU: 1.7x faster than torch's logsumexp-based form, 6x once the probes are
+    confident. It keeps the memory layout of the logits (the heads emit them class-major, so reductions over the
     classes run along long contiguous rows), needs no zero-filled scatter buffer in the backward pass, and avoids
     exp's slow path for underflowing arguments (30x slower; most are, once a probe is confident) by clamping
     x - max at EXP_FLOOR, which changes each such term and its gradient by < 1e-26."""
