@@ -7,7 +7,7 @@ import torch
 
 from common import report
 from probes import FeatureSet, Grid
-from probes.train import HEADS, train_configs
+from probes.train import HEADS, resolve_device, train_configs
 
 
 def main(n=4096, L=12, D=192, C=10, steps=150, batch=512):
@@ -18,16 +18,20 @@ def main(n=4096, L=12, D=192, C=10, steps=150, batch=512):
     g = Grid(epochs=1, min_steps=steps, batch_size=batch)
     grid21 = [c for c in g.configs("linear")]  # 3 lr x 7 wd
     assert len(grid21) == 21
-    rows, facts = [], {"N": n, "L": L, "D": D, "steps": steps, "batch": batch, "threads": torch.get_num_threads()}
+    device = resolve_device(None)  # CUDA when there is one
+    rows, facts = [], {"N": n, "L": L, "D": D, "steps": steps, "batch": batch, "threads": torch.get_num_threads(),
+                       "device": str(device)}
     for head in ("linear", "alf"):
         spec = HEADS[head]
         times = {}
         for label, cfgs in (("one", grid21[:1]), ("grid", grid21)):
             t = time.perf_counter()
-            train_configs(fs, fs.rows, spec, cfgs, g, seed=0, device=torch.device("cpu"), progress=False)
+            train_configs(fs, fs.rows, spec, cfgs, g, seed=0, device=device, progress=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             times[label] = time.perf_counter() - t
         facts[head] = times
-        rows += [(f"{head}: one config (s)", f"{times['one']:.2f}", f"{steps} steps of {batch}"),
+        rows += [(f"{head}: one config (s)", f"{times['one']:.2f}", f"{steps} steps of {batch} on {device}"),
                  (f"{head}: 21 configs in one pass (s)", f"{times['grid']:.2f}", ""),
                  (f"{head}: grid / one config", f"{times['grid'] / times['one']:.2f}", "target <= 3 (vs 21 if run apart)")]
     report("grid", rows, facts)
