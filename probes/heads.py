@@ -48,15 +48,19 @@ class BatchedBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(G, features))
         self.register_buffer("running_var", torch.ones(G, features))
 
+    @torch.no_grad()
+    def track(self, sl: slice, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """Move the running statistics of configurations `sl` towards a batch's (BatchNorm1d's momentum rule);
+        mean / unbiased_var: (g, F), or (F,) when every configuration saw the same batch."""
+        self.running_mean[sl].lerp_(mean, self.momentum)
+        self.running_var[sl].lerp_(unbiased_var, self.momentum)
+
     def forward(self, x: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
         if self.training:
             mean = x.mean(dim=1)
             var = _biased_var(x, mean, 1)
             n = x.shape[1]
-            with torch.no_grad():
-                m = self.momentum
-                self.running_mean[sl] = (1 - m) * self.running_mean[sl] + m * mean
-                self.running_var[sl] = (1 - m) * self.running_var[sl] + m * var * (n / max(n - 1, 1))
+            self.track(sl, mean, var * (n / max(n - 1, 1)))
         else:
             mean, var = self.running_mean[sl], self.running_var[sl]
         xn = (x - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps)
@@ -103,9 +107,7 @@ class LinearHead(nn.Module):
         mean, var = flat.new_zeros(flat.shape[1]), flat.new_ones(flat.shape[1])
         # torch's kernel normalises and, with momentum 1, leaves the batch mean and unbiased variance in mean/var
         xn = F.batch_norm(flat, mean, var, training=True, momentum=1.0, eps=bn.eps)  # (B, F), shared
-        with torch.no_grad():
-            bn.running_mean[sl].lerp_(mean, bn.momentum)
-            bn.running_var[sl].lerp_(var, bn.momentum)
+        bn.track(sl, mean, var)
         W = clf.weight[sl]  # (g, F, C)
         g, F_, C = W.shape
         Wf = bn.weight[sl].unsqueeze(-1) * W

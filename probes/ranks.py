@@ -41,10 +41,6 @@ class Ranks:
             out.update(p)
         return out
 
-    def barrier(self) -> None:
-        if self.on:
-            td.barrier()
-
 
 def current() -> Ranks:
     """The ranks of an initialised process group, else a single process."""
