@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from alfcache.errors import AlfError
+from alfcache.format import StoreError
 from probes.errors import ProbeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -107,15 +108,15 @@ def build_random_model(
 @app.command()
 def ls(store_root: Optional[Path] = typer.Argument(None, help="store root (default $ALF_FEATURES or ./features)")):
     """List stores: dataset, model, split, N, layers, width, size on disk, complete."""
-    from alfcache.stores import default_out, find_stores, read_metadata
+    from alfcache.format import StoreError, default_root, find_stores, read_metadata
 
-    root = store_root or default_out()
+    root = store_root or default_root()
     rows = []
     for p in find_stores(root):
         try:
             m = read_metadata(p)
-        except AlfError as e:
-            rows.append({"path": str(p), "complete": f"unreadable: {e}"})
+        except StoreError as e:
+            rows.append({"path": str(p), "complete": f"DAMAGED: {e}"})
             continue
         size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
         rows.append({"dataset": m["dataset"]["name"], "model": m["model"]["name"], "split": m["split"],
@@ -145,7 +146,7 @@ def probe(
                                      "configurations (implied when WORLD_SIZE > 1)"),
 ):
     """Train heads on stored tokens; write one JSON per (dataset, model, head) and a summary table."""
-    from alfcache.stores import default_out
+    from alfcache.format import default_root
     from probes import ranks as rank_group
     from probes.results import write_summary
     from probes.runner import discover, run_heads
@@ -154,7 +155,7 @@ def probe(
         raise ProbeError("--distributed needs a torch.distributed launcher (torchrun sets WORLD_SIZE)")
     ranks, device = rank_group.init(device)
 
-    pairs = discover(store_root or default_out(), dataset, model)
+    pairs = discover(store_root or default_root(), dataset, model)
     if len(pairs) > 1 and (dataset is None or model is None):
         names = ", ".join(f"{p.dataset} x {p.model}" for p in pairs)
         typer.echo(f"probing {len(pairs)} dataset x model pairs: {names}")
@@ -202,7 +203,7 @@ def report(
 
 
 def _report(store_root, results, out, dataset, model, grid, cka, layers, seed, device, modules=True) -> Path:
-    from alfcache.stores import default_out
+    from alfcache.format import default_root
     from probes.features import FeatureSet, check_compatible
     from probes.layerwise import layer_sweep
     from probes.report import alf_heatmap, comparison_tables, layer_report, write_index
@@ -212,7 +213,7 @@ def _report(store_root, results, out, dataset, model, grid, cka, layers, seed, d
     sections: dict[str, list] = {"Per-layer linear probes and CKA": [], "ALF layer-attention heatmaps": [],
                                  "Tables": []}
     if layers:
-        for pair in discover(store_root or default_out(), dataset, model, skip_unusable=True):
+        for pair in discover(store_root or default_root(), dataset, model, skip_unusable=True):
             train, test = FeatureSet.open(pair.train), FeatureSet.open(pair.test)
             check_compatible(train, test)
             rows = layer_sweep(train, test, grid=grid, seed=seed, device=device, kernel=cka)
@@ -260,7 +261,7 @@ def reproduce(
 
     from alfcache.datasets import PAPER_DATASETS, check_dataset, dataset_size
     from alfcache.extract import ExtractConfig, extract as run_extract
-    from alfcache.stores import read_metadata
+    from alfcache.format import read_metadata
     from alfcache.plan import (check_model, estimate, free_bytes, hub_reachable, human_bytes, human_seconds,
                                model_facts)
     from probes.features import FeatureSet
@@ -314,7 +315,7 @@ def reproduce(
                                f"running {todo or 'none'}")
                     if todo:
                         run_heads(pair, todo, grid, results, seed=seed, device=device)
-            except (AlfError, ProbeError) as e:
+            except (AlfError, ProbeError, StoreError) as e:
                 typer.secho(f"FAILED {d} x {m}: {e}", err=True, fg=typer.colors.RED)
                 failed.append(f"{d} x {m}")
     write_summary(results)
@@ -338,7 +339,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         app()
-    except (AlfError, ProbeError) as e:
+    except (AlfError, ProbeError, StoreError) as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import AlfError, unknown_name
-from .stores import safe_component
+from .format import safe_component
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 

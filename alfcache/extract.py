@@ -24,8 +24,10 @@ from .datasets import ImageSource, dataset_slug, open_source
 from .errors import AlfError
 from .numerics import amp_agreement, attention_backend, resolve_autocast
 from .plan import free_bytes, human_bytes
-from .stores import (FORMAT, FORMAT_VERSION, attach_sink, chunk_rows_for, default_out, open_sink, os_error,
-                     safe_component, store_lock, store_path)
+from .errors import os_error
+from .format import FORMAT, VERSION, default_root, safe_component, store_path
+from .locks import store_lock
+from .sinks import attach_sink, chunk_rows_for, open_sink
 from .taps import TapCollector, resolve_taps
 
 log = logging.getLogger(__name__)
@@ -157,7 +159,7 @@ def build_metadata(bb: Backbone, source: ImageSource, plan, cfg: ExtractConfig, 
                              "mean over all tokens, for blocks 0..n-1")
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": VERSION,
         "model": {"name": bb.name, "source_id": bb.source_id, "library": bb.library, "fingerprint": weights_fingerprint,
                   "pretrained_weights": not (Path(bb.source_id.split(":", 1)[-1]) / "RANDOM_WEIGHTS.txt").exists(),
                   "depth": bb.depth, "width": bb.width, "num_prefix_tokens": bb.num_prefix_tokens,
@@ -249,7 +251,7 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
                                               autocast)
         log.info("autocast %s agrees with float32: worst token cosine %.5f", autocast,
                  numerics["amp_check"]["min_cosine"])
-    out = Path(cfg.out) if cfg.out else default_out()
+    out = Path(cfg.out) if cfg.out else default_root()
     model_slug = bb.name
     results = []
     itemsize = 2 if cfg.dtype == "float16" else 4

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from common import report, rss_mb
-from alfcache.stores import ZarrSink
+from alfcache.sinks import ZarrSink
 from probes import FeatureSet, TokenSpec
 from probes.train import BatchStream
 

@@ -35,7 +35,8 @@ def main():
         torch.save({"cls": torch.from_numpy(cls.astype(np.float32)), "ap": torch.from_numpy(ap.astype(np.float32))}, pt)
         pt_write = time.perf_counter() - t
         # write speed of the store itself, without the model: re-write the same tokens through the sink
-        from alfcache.stores import ZarrSink, H5Sink, read_metadata
+        from alfcache.sinks import ZarrSink, H5Sink
+        from alfcache.format import read_metadata
 
         meta = read_metadata(res.path)
         sink_cls = ZarrSink if fmt == "zarr" else H5Sink

@@ -1,7 +1,7 @@
 """FeatureSet: per-layer CLS/AP tokens + labels, from a store (memory-mapped) or from numpy arrays.
 
-Stores are read with plain zarr / h5py, trusting their metadata: probes never imports alfcache.
-Opening a store reads metadata and labels only; token rows are read on demand, chunk by chunk.
+Stores are read through the store contract (`alfcache.format`, numpy/zarr/h5py only), trusting their metadata.
+Opening a store reads metadata and labels only (both checked); token rows are read on demand, chunk by chunk.
 """
 from __future__ import annotations
 
@@ -11,48 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from alfcache import format as store_format
+from alfcache.format import PAIR_KEYS, StoreError, check_labels, get, missing_chunks, open_arrays, read_metadata
+
 from .errors import ProbeError
 from .selection import TokenSpec, resolve_layers
-
-SUPPORTED_VERSIONS = (1,)
-STORE_FORMAT = "alfcache-store"
-# metadata that must agree between the train and test stores of one probe
-MUST_MATCH = (("model.source_id", "model"), ("model.fingerprint", "weights fingerprint"),
-              ("taps.modules", "taps"), ("dtype", "dtype"), ("class_names", "class names"),
-              ("width", "width"), ("num_layers", "layers"), ("preprocessing", "preprocessing"),
-              ("dataset.name", "dataset"), ("extraction.autocast", "autocast precision"))
-
-
-def _get(meta: dict, dotted: str):
-    cur = meta
-    for part in dotted.split("."):
-        cur = cur.get(part) if isinstance(cur, dict) else None
-    return cur
-
-
-def store_metadata(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise ProbeError(f"no store at '{path}'")
-    try:
-        if path.suffix == ".h5":
-            import h5py
-
-            with h5py.File(path, "r") as f:
-                meta = json.loads(f.attrs["alfcache"])
-        else:
-            import zarr
-
-            meta = dict(zarr.open_group(str(path), mode="r").attrs)
-    except Exception as e:
-        raise ProbeError(f"'{path}' is not a readable alfcache store ({type(e).__name__})") from None
-    if meta.get("format") != STORE_FORMAT:
-        raise ProbeError(f"'{path}' is not an alfcache store")
-    if meta.get("format_version") not in SUPPORTED_VERSIONS:
-        raise ProbeError(f"store '{path}' has format version {meta.get('format_version')}; "
-                         f"probes reads versions {SUPPORTED_VERSIONS}")
-    return meta
-
 
 @dataclass
 class FeatureSet:
@@ -98,25 +61,27 @@ class FeatureSet:
 
     @classmethod
     def open(klass, path: str | Path, *, in_memory: bool = False, allow_incomplete: bool = False) -> "FeatureSet":
-        """Open a store lazily (memory-mapped chunks); `in_memory=True` reads the token arrays into RAM."""
+        """Open a store lazily (memory-mapped chunks); `in_memory=True` reads the token arrays into RAM.
+
+        Labels are checked against the class list; a store with chunks missing on disk is refused (they would
+        read as zeros), whether or not its checksums are verified."""
         path = Path(path)
-        meta = store_metadata(path)
+        meta = read_metadata(path)
         if not meta.get("complete") and not allow_incomplete:
-            raise ProbeError(f"store '{path}' is incomplete (extraction did not finish); rerun the extraction "
-                             f"to resume it, or pass allow_incomplete / --allow-incomplete")
-        if path.suffix == ".h5":
-            import h5py
-
-            handle = h5py.File(path, "r")
-            arrays = {k: handle[k] for k in handle.keys()}
-        else:
-            import zarr
-
-            handle = zarr.open_group(str(path), mode="r")
-            arrays = {k: handle[k] for k in ("cls", "ap", "labels", "patches", "registers") if k in handle}
+            raise ProbeError(f"store '{path}' is incomplete (extraction did not finish); rerun the extraction to "
+                             f"resume it, or pass allow_incomplete / --allow-incomplete")
+        if meta.get("complete"):
+            gone = missing_chunks(path, meta)
+            if gone:
+                raise StoreError(f"store '{path}' is damaged: chunk{'s' if len(gone) > 1 else ''} "
+                                 f"{', '.join(map(str, gone[:5]))} missing on disk; re-extract with --overwrite")
+        arrays = open_arrays(path, meta)
         labels = np.asarray(arrays["labels"][:], dtype=np.int64)
+        if meta.get("complete"):
+            check_labels(labels, meta, path)
         fs = klass(arrays["cls"], arrays["ap"], labels, list(meta["class_names"]), list(meta["taps"]["layer_names"]),
-                 arrays.get("patches"), meta, path, int(meta.get("chunk_rows", 4096)), handle)
+                   arrays["patches"] if "patches" in arrays else None, meta, path, int(meta.get("chunk_rows", 4096)),
+                   arrays)
         if in_memory:
             fs.cls, fs.ap = np.asarray(fs.cls[:]), np.asarray(fs.ap[:])
             if fs.patches is not None:
@@ -136,9 +101,9 @@ class FeatureSet:
             from .errors import unknown_name
 
             raise unknown_name("tap", kind, self.module_taps or ["(store has no module taps; extract with --taps modules)"])
-        h = self._handle
-        get = (lambda n: h[f"modules/{kind}/{n}"]) if h is not None else (lambda n: self._module_arrays[kind][n])
-        cls_, ap_, mean_ = get("cls"), get("ap"), get("mean")
+        if self._handle is None:
+            raise ProbeError("module taps are read from a store; this feature set was built from arrays")
+        cls_, ap_, mean_ = (self._handle[f"modules/{kind}/{n}"] for n in ("cls", "ap", "mean"))
         n_blocks = cls_.shape[1]
         meta = dict(self.meta)
         meta["num_layers"], meta["width"] = n_blocks, int(cls_.shape[2])
@@ -244,60 +209,16 @@ class FeatureSet:
             self._handle.close()
 
 
-def chunk_checksum(arrays: dict, labels: np.ndarray) -> str:
-    """The store format's chunk checksum (same definition as the writer's): sha256 over every token array
-    sorted by name (name utf-8, then C-order bytes), then the int64 labels; first 32 hex digits."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(arrays[name]).tobytes())
-    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
-    return h.hexdigest()[:32]
-
-
 def verify_store(path: str | Path, progress: bool = False) -> int:
-    """Re-read every chunk of a complete store and compare its checksum; name the first bad chunk.
-    Returns the number of chunks checked."""
-    path = Path(path)
-    meta = store_metadata(path)
-    sums = meta.get("chunk_checksums")
-    if not meta.get("complete") or sums is None:
-        raise ProbeError(f"store '{path}' is incomplete (extraction did not finish); rerun the extraction to resume "
-                         f"it, or pass --allow-incomplete")
-    if path.suffix == ".h5":
-        import h5py
-
-        handle = h5py.File(path, "r")
-    else:
-        import zarr
-
-        handle = zarr.open_group(str(path), mode="r")
-    rows, n = int(meta["chunk_rows"]), int(meta["num_samples"])
-    try:
-        for k, expected in enumerate(sums):
-            a, b = k * rows, min(n, (k + 1) * rows)
-            try:
-                arrays = {name: np.asarray(handle[name][a:b]) for name in meta["arrays"]}
-                labels = np.asarray(handle["labels"][a:b])
-            except Exception as e:
-                raise ProbeError(f"store '{path}': chunk {k} (rows {a}-{b - 1}) cannot be read "
-                                 f"({type(e).__name__}); it is corrupted - re-extract with --overwrite") from None
-            if chunk_checksum(arrays, labels) != expected:
-                raise ProbeError(f"store '{path}': chunk {k} (rows {a}-{b - 1}) fails its checksum; the data "
-                                 f"was changed or corrupted on disk - re-extract with --overwrite")
-    finally:
-        if hasattr(handle, "close"):
-            handle.close()
-    return len(sums)
+    """Re-read every chunk of a store and check it against its recorded checksums (the store contract's rule)."""
+    return store_format.verify_store(path, progress=progress)
 
 
 def check_compatible(train: FeatureSet, test: FeatureSet) -> None:
     """Refuse train/test feature sets that do not fit together, naming the mismatch."""
     bad = []
-    for key, what in MUST_MATCH:
-        a, b = _get(train.meta, key), _get(test.meta, key)
+    for key, what in PAIR_KEYS:
+        a, b = get(train.meta, key), get(test.meta, key)
         if a is None and b is None:
             continue
         if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):

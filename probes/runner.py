@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from alfcache.format import StoreError, find_stores, read_metadata
+
 from .errors import ProbeError, unknown_name
-from .features import FeatureSet, check_compatible, store_metadata, verify_store
+from .features import FeatureSet, check_compatible, verify_store
 from .ranks import current as current_ranks
 from .results import write_result
 from .train import HEADS, fit, head_spec, supported_heads
@@ -29,11 +31,10 @@ def discover(store_root: str | Path, dataset: str | None = None, model: str | No
     if not root.is_dir():
         raise ProbeError(f"store root '{root}' does not exist; run `alf extract` first or pass --store-root")
     found: dict[tuple[str, str], dict[str, Path]] = {}
-    paths = [p for p in root.rglob("*.zarr") if (p / "zarr.json").is_file()] + list(root.rglob("*.h5"))
-    for p in sorted(paths):
+    for p in find_stores(root):
         try:
-            m = store_metadata(p)
-        except ProbeError:
+            m = read_metadata(p)
+        except StoreError:
             continue
         key = (m["dataset"]["name"], m["model"]["name"])
         if skip_unusable and not m.get("complete"):

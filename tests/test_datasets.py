@@ -85,7 +85,7 @@ def test_image_folder_splits(tmp_path):
 
 def test_dataset_slugs_cannot_escape(tmp_path):
     assert "/" not in dataset_slug(f"imagefolder:{tmp_path}/../../etc")
-    from alfcache.stores import store_path
+    from alfcache.format import store_path
 
     p = store_path(tmp_path, "../../evil", "../x", "../train")
     assert tmp_path in p.parents and ".." not in p.relative_to(tmp_path).parts

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_alf, write_image_folder
-from alfcache.stores import read_metadata
+from alfcache.format import read_metadata
 from probes import FeatureSet
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from alfcache.errors import AlfError
+from alfcache.format import StoreError
 from alfcache.extract import ExtractConfig, extract
 from conftest import ROOT, run_alf, write_image_folder
 from probes import FeatureSet, ProbeError, check_compatible, fit
@@ -39,7 +40,7 @@ def _cfg(model, out, **kw):
 
 
 def test_enospc_mid_write_keeps_durable_chunks_and_resumes(tiny_model, tmp_path, monkeypatch):
-    from alfcache import stores
+    from alfcache import sinks as stores
 
     ref = extract(_cfg(tiny_model, tmp_path / "ref"))[0].path
     real_put = stores.ZarrSink._put
@@ -119,7 +120,7 @@ def test_corrupted_chunks_are_named(digits_stores, tmp_path):
 
     g = zarr.open_group(str(store), mode="r+")
     g["ap"][3] = g["ap"][3] * 1.001  # silent change inside chunk 0: only the checksum can tell
-    with pytest.raises(ProbeError, match=r"chunk 0 \(rows 0-.*fails its checksum"):
+    with pytest.raises(StoreError, match=r"chunk 0 \(rows 0-.*fails its checksum"):
         verify_store(store)
     shutil.rmtree(store)
     shutil.copytree(digits_stores["test"], store)
@@ -127,7 +128,7 @@ def test_corrupted_chunks_are_named(digits_stores, tmp_path):
     raw = bytearray(chunk_file.read_bytes())
     raw[len(raw) // 2:len(raw) // 2 + 64] = b"\xff" * 64  # bit rot on disk
     chunk_file.write_bytes(bytes(raw))
-    with pytest.raises(ProbeError, match="chunk 0"):
+    with pytest.raises(StoreError, match="chunk 0"):
         verify_store(store)
     root = tmp_path / "root" / "digits" / "m"
     root.mkdir(parents=True)
@@ -144,7 +145,7 @@ def test_wrong_format_version_refused(digits_stores, tmp_path):
     store = tmp_path / "test.zarr"
     shutil.copytree(digits_stores["test"], store)
     zarr.open_group(str(store), mode="r+").attrs["format_version"] = 99
-    with pytest.raises(ProbeError, match="format version 99"):
+    with pytest.raises(StoreError, match="format version 99"):
         FeatureSet.open(store)
     one_line_error(run_alf("verify", store), "format version 99")
 

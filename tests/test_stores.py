@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from alfcache.extract import ExtractConfig, extract
-from alfcache.stores import read_metadata
+from alfcache.format import read_metadata
 from probes import FeatureSet
 
 REQUIRED = ["format", "format_version", "model", "preprocessing", "taps", "token_layout", "dtype", "dataset",
@@ -78,7 +78,7 @@ def test_memory_mapped_open_reads_only_what_is_asked(tmp_path):
     import psutil
     import zarr
 
-    from alfcache.stores import ZarrSink
+    from alfcache.sinks import ZarrSink
 
     n, L, D, rows = 8192, 12, 512, 512
     meta = {"format": "alfcache-store", "format_version": 1, "num_samples": n, "num_layers": L, "width": D,

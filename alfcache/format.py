@@ -1,0 +1,346 @@
+"""The store format: the one contract between extraction (`alfcache`) and probing (`probes`).
+
+Everything a reader or a writer must agree on lives here and nowhere else: where a store lives, its two
+on-disk formats (Zarr directory, HDF5 file), the metadata keys that identify it, which versions can be read,
+the chunk checksum, label rules, discovery and verification. It imports only numpy, zarr, h5py and the
+standard library, so `probes` can use it without pulling in any backbone library.
+
+Logical layout (both formats, all per-sample arrays chunked along N):
+    cls        (N, L, D)  float16|float32  token 0 of each tapped layer
+    ap         (N, L, D)  float16|float32  mean of the patch tokens (prefix/register tokens excluded)
+    labels     (N,)       int64            index into metadata class_names; -1 = image skipped (recorded)
+    sample_ids (N,)       str              source path / key / index of each row
+    optional: patches (N, P, D), registers (N, L, R, D), modules/<kind>/{cls,ap,mean} (N, n, D_kind)
+    optional, not per sample: projection/weight (E, D), projection/bias (E,): the model's output projection
+        (CLIP's `visual.proj`); the model's own output for a final-layer token t is t @ weight.T + bias.
+Metadata: Zarr group attributes / the HDF5 root attribute `alfcache` (JSON).
+
+Versions: 1 (checksums over token arrays + labels), 2 (checksums also cover sample_ids; dataset identity,
+protocol and projection recorded). Both are read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "alfcache-store"
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+SUFFIXES = {".zarr": "zarr", ".h5": "h5"}
+ENV_ROOT = "ALF_FEATURES"
+PROJECTION = ("projection/weight", "projection/bias")
+
+# metadata that must agree for a rerun to continue (resume) an existing store
+RESUME_KEYS = ("model.source_id", "model.fingerprint", "model.architecture", "preprocessing", "taps", "arrays",
+               "dtype", "dataset.source", "dataset.fingerprint", "split", "num_samples", "chunk_rows",
+               "format_version", "extraction.autocast", "extraction.protocol")
+# metadata that must agree between the train and test stores of one probe (label meaning, token meaning)
+PAIR_KEYS = (("model.source_id", "model"), ("model.fingerprint", "weights fingerprint"),
+             ("model.architecture", "model architecture"), ("taps.modules", "taps"), ("dtype", "dtype"),
+             ("class_names", "class names"), ("width", "width"), ("num_layers", "layers"),
+             ("preprocessing", "preprocessing"), ("dataset.source", "dataset source"),
+             ("dataset.index_fingerprint", "dataset index"), ("extraction.autocast", "autocast precision"),
+             ("extraction.protocol", "extraction protocol"))
+
+
+class StoreError(Exception):
+    """A store is missing, damaged, of another format or does not fit: shown to the user as one line."""
+
+
+# ------------------------------------------------------------------------------------------ places
+def default_root() -> Path:
+    """Where stores live unless told otherwise: $ALF_FEATURES or ./features."""
+    return Path(os.environ.get(ENV_ROOT, "features"))
+
+
+def safe_component(name: str) -> str:
+    """A folder name from a user-supplied name: no separators, no '..', no leading dots."""
+    out = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
+    out = out.strip(".-")
+    return out or "unnamed"
+
+
+def store_path(root: str | Path, dataset_slug: str, model_slug: str, split: str, fmt: str = "zarr") -> Path:
+    """`<root>/<dataset>/<model>/<split>.<fmt>`, every component sanitised (stores always land under root)."""
+    if fmt not in SUFFIXES.values():
+        raise StoreError(f"unknown store format '{fmt}' (known: {', '.join(SUFFIXES.values())})")
+    return Path(root) / safe_component(dataset_slug) / safe_component(model_slug) / f"{safe_component(split)}.{fmt}"
+
+
+def store_format(path: str | Path) -> str:
+    """'zarr' or 'h5', from the suffix."""
+    fmt = SUFFIXES.get(Path(path).suffix)
+    if fmt is None:
+        raise StoreError(f"'{path}' is not a store path (expected a .zarr folder or an .h5 file)")
+    return fmt
+
+
+def staging_path(path: Path) -> Path:
+    """HDF5 stores are built in `<store>.partial/` and renamed into place when complete."""
+    return path.with_name(path.name + ".partial")
+
+
+def find_stores(root: str | Path) -> list[Path]:
+    """Every store-shaped path under root (a .zarr folder or an .h5 file), readable or not."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.rglob("*.zarr") if p.is_dir()] + [p for p in root.rglob("*.h5") if p.is_file()]
+    return sorted(found)
+
+
+# ------------------------------------------------------------------------------------------ files
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write a whole file so that a reader sees the old content or the new one, never a torn one: a temporary
+    file beside it, fsync, rename. Every file the project writes (manifests, results, summaries) goes this way."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------ metadata
+def get(meta: dict, dotted: str):
+    """meta['a']['b'] for 'a.b'; None where any part is missing."""
+    cur = meta
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def _same(a, b) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def differing(a: dict, b: dict, keys: Iterable[str]) -> list[str]:
+    """The dotted keys whose values differ between two metadata dicts."""
+    return [k for k in keys if not _same(get(a, k), get(b, k))]
+
+
+def _raw_metadata(path: Path) -> dict:
+    if store_format(path) == "h5":
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return json.loads(f.attrs["alfcache"])
+    import zarr
+
+    return dict(zarr.open_group(str(path), mode="r").attrs)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata of a store of either format, checked: an alfcache store of a readable version."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"no store at '{path}'")
+    try:
+        meta = _raw_metadata(path)
+    except StoreError:
+        raise
+    except Exception as e:  # missing / broken zarr.json, truncated .h5, unreadable attribute
+        raise StoreError(f"store '{path}' is damaged: its metadata cannot be read ({type(e).__name__}); "
+                         f"re-extract it with --overwrite") from None
+    if meta.get("format") != FORMAT:
+        raise StoreError(f"store '{path}' is damaged or not an alfcache store (no '{FORMAT}' metadata)")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise StoreError(f"store '{path}' has format version {meta.get('format_version')}; this alfcache reads "
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))} - re-extract it, or use the alfcache "
+                         f"release that wrote it")
+    return meta
+
+
+def token_codec():
+    """Blosc lz4 + bit-shuffle for token arrays: on float16 tokens it compresses as well as zstd and decodes
+    1.3-2.7x faster (benchmarks/bench_store.py); readers need nothing but zarr (the codec is in the metadata)."""
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+
+
+# ------------------------------------------------------------------------------------------ arrays
+class StoreArrays:
+    """An open store: `arrays[name]` is a lazily read array (zarr.Array / h5py.Dataset, numpy-style slicing)
+    for 'cls', 'labels', 'modules/ffn_fc1/cls', ...; `ids(a, b)` reads sample ids as str."""
+
+    def __init__(self, path: Path, handle, meta: dict):
+        self.path, self.handle, self.meta = path, handle, meta
+        self.fmt = store_format(path)
+
+    def __getitem__(self, name: str):
+        return self.handle[name]
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.handle[name]
+        except KeyError:
+            return False
+        return True
+
+    def ids(self, a: int = 0, b: int | None = None) -> list[str]:
+        ds = self.handle["sample_ids"]
+        if self.fmt == "h5":
+            return list(ds.asstr()[a:b])
+        return [str(s) for s in ds[a:b]]
+
+    def close(self) -> None:
+        if hasattr(self.handle, "close"):
+            self.handle.close()
+
+    def __enter__(self) -> "StoreArrays":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_arrays(path: str | Path, meta: dict | None = None) -> StoreArrays:
+    """Open a store of either format read-only (its metadata checked unless given)."""
+    path = Path(path)
+    meta = read_metadata(path) if meta is None else meta
+    try:
+        if store_format(path) == "h5":
+            import h5py
+
+            handle = h5py.File(path, "r")
+        else:
+            import zarr
+
+            handle = zarr.open_group(str(path), mode="r")
+    except Exception as e:
+        raise StoreError(f"store '{path}' is damaged: it cannot be opened ({type(e).__name__})") from None
+    return StoreArrays(path, handle, meta)
+
+
+def token_arrays(meta: dict) -> list[str]:
+    """Names of the per-sample token arrays of a store (all chunked along N)."""
+    return sorted(meta["arrays"])
+
+
+# ------------------------------------------------------------------------------------------ checksums
+def chunk_checksum(arrays: dict[str, np.ndarray], labels: np.ndarray, sample_ids: list[str] | None,
+                   version: int = VERSION) -> str:
+    """Checksum of one chunk: sha256 over every token array sorted by name (its name in utf-8, then its C-order
+    bytes), then the labels as int64 bytes, then (version >= 2) every sample id in utf-8 followed by a NUL byte;
+    the first 32 hex digits."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    if version >= 2:
+        for s in sample_ids or []:
+            h.update(str(s).encode() + b"\0")
+    return h.hexdigest()[:32]
+
+
+def array_checksum(arr: np.ndarray) -> str:
+    """Checksum of a whole small array (the projection): sha256 of dtype, shape and bytes, 32 hex digits."""
+    arr = np.ascontiguousarray(arr)
+    return hashlib.sha256(f"{arr.dtype}|{arr.shape}|".encode() + arr.tobytes()).hexdigest()[:32]
+
+
+def chunk_ranges(meta: dict) -> Iterator[tuple[int, int, int]]:
+    """(chunk index, first row, end row) of every chunk of a store."""
+    rows, n = int(meta["chunk_rows"]), int(meta["num_samples"])
+    for k in range((n + rows - 1) // rows):
+        yield k, k * rows, min(n, (k + 1) * rows)
+
+
+# ------------------------------------------------------------------------------------------ labels
+def check_labels(labels: np.ndarray, meta: dict, path: Path | str | None = None) -> None:
+    """Labels must index `class_names`; -1 only marks an image recorded as skipped. Anything else is refused:
+    a label outside the class list would silently change accuracies."""
+    where = f" of store '{path}'" if path is not None else ""
+    labels = np.asarray(labels)
+    n_classes = len(meta.get("class_names", []))
+    bad = np.flatnonzero((labels < -1) | (labels >= n_classes))
+    if len(bad):
+        raise StoreError(f"labels{where} hold values outside its {n_classes} classes (rows "
+                         f"{bad[:5].tolist()}: {labels[bad[:5]].tolist()}); the store is damaged - re-extract it")
+    skipped = int((labels == -1).sum())
+    recorded = len(meta.get("skipped", []))
+    if meta.get("complete") and skipped != recorded:
+        raise StoreError(f"store{where} has {skipped} rows labelled -1 (skipped) but records {recorded} skipped "
+                         f"images; the store is damaged - re-extract it")
+
+
+# ------------------------------------------------------------------------------------------ verification
+def verify_store(path: str | Path, progress: bool = False) -> int:
+    """Re-read every chunk of a complete store (every token array, labels and, from version 2, sample ids) and
+    compare its checksum; also the projection arrays. Names the first bad chunk. Returns the number of chunks."""
+    path = Path(path)
+    meta = read_metadata(path)
+    sums = meta.get("chunk_checksums")
+    if not meta.get("complete") or sums is None:
+        raise StoreError(f"store '{path}' is incomplete (extraction did not finish); rerun the extraction to "
+                         f"resume it, or pass --allow-incomplete")
+    version = int(meta["format_version"])
+    names = token_arrays(meta)
+    ranges = list(chunk_ranges(meta))
+    if len(ranges) != len(sums):
+        raise StoreError(f"store '{path}' is damaged: {len(sums)} checksums for {len(ranges)} chunks")
+    with open_arrays(path, meta) as arrays:
+        it = ranges
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(ranges, desc=f"verify {path.name}", unit="chunk", leave=False)
+        for k, a, b in it:
+            try:
+                block = {name: np.asarray(arrays[name][a:b]) for name in names}
+                labels = np.asarray(arrays["labels"][a:b])
+                ids = arrays.ids(a, b) if version >= 2 else None
+            except Exception as e:
+                raise StoreError(f"store '{path}': chunk {k} (rows {a}-{b - 1}) cannot be read "
+                                 f"({type(e).__name__}); it is corrupted - re-extract with --overwrite") from None
+            if chunk_checksum(block, labels, ids, version) != sums[k]:
+                raise StoreError(f"store '{path}': chunk {k} (rows {a}-{b - 1}) fails its checksum; the data "
+                                 f"was changed or corrupted on disk - re-extract with --overwrite")
+        proj = meta.get("projection")
+        if proj:
+            for name in PROJECTION:
+                try:
+                    got = array_checksum(np.asarray(arrays[name][...]))
+                except Exception as e:
+                    raise StoreError(f"store '{path}': '{name}' cannot be read ({type(e).__name__}); "
+                                     f"re-extract with --overwrite") from None
+                if got != proj["checksums"][name]:
+                    raise StoreError(f"store '{path}': '{name}' fails its checksum; re-extract with --overwrite")
+    return len(sums)
+
+
+def missing_chunks(path: str | Path, meta: dict) -> list[int]:
+    """Chunks with no data on disk (a Zarr chunk file deleted): a missing chunk reads as fill values, so it must
+    be refused even when checksums are not verified. HDF5 stores are written whole, so they have none."""
+    path = Path(path)
+    if store_format(path) != "zarr":
+        return []
+    n_chunks = len(list(chunk_ranges(meta)))
+    missing = set()
+    for name in ["labels", "sample_ids", *token_arrays(meta)]:
+        folder = path / name / "c"
+        for k in range(n_chunks):
+            # zarr v3 default chunk key encoding: c/<i>/<j>/...; chunk k of an (N, ...) array starts with c/k
+            if not ((folder / str(k)).is_file() or (folder / str(k)).is_dir()):
+                missing.add(k)
+    return sorted(missing)
+
+
+__all__ = ["FORMAT", "VERSION", "READABLE_VERSIONS", "PAIR_KEYS", "RESUME_KEYS", "StoreArrays", "StoreError",
+           "array_checksum", "check_labels", "chunk_checksum", "chunk_ranges", "default_root", "differing",
+           "find_stores", "get", "missing_chunks", "open_arrays", "read_metadata", "safe_component", "staging_path",
+           "store_format", "store_path", "token_arrays", "token_codec", "verify_store", "write_atomic"]
