@@ -33,10 +33,10 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 @app.command()
 def models():
     """List the model short names: source id, blocks, width, tokens per image, params."""
-    from alfcache.backbones import MODELS, describe
+    from alfcache.registry import MODELS, describe
 
     rows = [describe(name) for name in MODELS]
-    typer.echo(_table(rows, ["name", "source_id", "blocks", "width", "tokens", "params_m"]))
+    typer.echo(_table(rows, ["name", "source_id", "family", "blocks", "width", "tokens", "params_m", "projection"]))
     typer.echo("\nAlso: timm:<any timm id>, local-dir:<folder written by timm.models.save_for_hf>, or that folder's path.")
 
 

@@ -243,18 +243,27 @@ def _reason(e: Exception) -> str:
 
 
 def wds_folder(entry: HubDataset, split: str) -> Path:
-    """The folder holding `<split>/*.tar` and `classnames.txt`: a local mirror, else a hub snapshot."""
+    """The folder holding `<split>/*.tar` and `classnames.txt`: a local mirror, else a hub snapshot (the
+    Hugging Face cache; downloaded only when the hub is reachable)."""
+    from .weights import hub_reachable, ways_out
+
     mirror = os.environ.get(ENV_DATASETS_DIR)
     if mirror and (Path(mirror) / entry.repo.split("/")[-1]).is_dir():
         return Path(mirror) / entry.repo.split("/")[-1]
+    online = hub_reachable()
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(entry.repo, repo_type="dataset",
-                                      allow_patterns=[f"{split}/*", "classnames.txt"]))
+        folder = Path(snapshot_download(entry.repo, repo_type="dataset", local_files_only=not online,
+                                        allow_patterns=[f"{split}/*", "classnames.txt"]))
     except Exception as e:
-        raise AlfError(f"could not fetch dataset '{entry.name}' ({entry.repo}) from the Hugging Face hub: "
-                       f"{_reason(e)}") from None
+        why = ("not in the Hugging Face cache and the hub is unreachable" if not online else _reason(e))
+        raise AlfError(f"dataset '{entry.name}': cannot get {entry.repo} ({why}); "
+                       f"{ways_out('dataset', entry.name)}") from None
+    if not (folder / split).is_dir():
+        raise AlfError(f"dataset '{entry.name}': the cached {entry.repo} has no '{split}' shards; "
+                       f"{ways_out('dataset', entry.name)}")
+    return folder
 
 
 def open_webdataset(folder: Path, dataset: str, split: str) -> HFSource:
@@ -333,14 +342,15 @@ def dataset_size(name: str) -> dict:
 
 def check_dataset(name: str, online: bool):
     """Can this dataset be reached? (for `alf reproduce`'s up-front plan)"""
-    from .plan import PlanItem, _hub_cached
+    from .plan import PlanItem
+    from .weights import cached_repo
 
     if name in HUB_DATASETS:
         e = HUB_DATASETS[name]
         mirror = os.environ.get(ENV_DATASETS_DIR)
         if mirror and (Path(mirror) / e.repo.split("/")[-1]).is_dir():
             return PlanItem("dataset", name, True, f"local mirror in {mirror}")
-        if _hub_cached(e.repo, "dataset"):
+        if cached_repo(e.repo, "dataset") is not None:
             return PlanItem("dataset", name, True, f"in the local hub cache ({e.repo})")
         return PlanItem("dataset", name, online, f"will download {e.repo}" if online else
                         f"{e.repo} not cached and the hub is unreachable")

@@ -25,7 +25,7 @@ from .errors import AlfError
 from .numerics import amp_agreement, attention_backend, resolve_autocast
 from .plan import free_bytes, human_bytes
 from .errors import os_error
-from .format import FORMAT, VERSION, default_root, safe_component, store_path
+from .format import FORMAT, PROJECTION, VERSION, array_checksum, default_root, safe_component, store_path
 from .locks import store_lock
 from .sinks import attach_sink, chunk_rows_for, open_sink
 from .taps import TapCollector, resolve_taps
@@ -38,6 +38,7 @@ FP16_MAX = 65504.0
 class ExtractConfig:
     model: str
     dataset: str
+    protocol: str = "paper"  # registry models: the authors' extraction (paper) or each model as its authors run it
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
     out: Path | None = None
     fmt: str = "zarr"
@@ -140,7 +141,7 @@ def probe_shapes(bb: Backbone, collector: TapCollector) -> dict[str, list[int]]:
 
 
 def build_metadata(bb: Backbone, source: ImageSource, plan, cfg: ExtractConfig, shapes: dict, chunk_rows: int,
-                   autocast: str | None, weights_fingerprint: str) -> dict:
+                   autocast: str | None, weights_fingerprint: str, device_type: str) -> dict:
     n = len(source)
     L, D = shapes["cls"]
     layout = {
@@ -157,11 +158,11 @@ def build_metadata(bb: Backbone, source: ImageSource, plan, cfg: ExtractConfig, 
     if plan.module_kinds:
         layout["modules"] = ("modules/<kind>/{cls,ap,mean} (N, blocks, width of the module): token 0, patch mean, "
                              "mean over all tokens, for blocks 0..n-1")
-    return {
+    meta = {
         "format": FORMAT,
         "format_version": VERSION,
         "model": {"name": bb.name, "source_id": bb.source_id, "library": bb.library, "fingerprint": weights_fingerprint,
-                  "pretrained_weights": not (Path(bb.source_id.split(":", 1)[-1]) / "RANDOM_WEIGHTS.txt").exists(),
+                  "pretrained_weights": bb.pretrained, "architecture": bb.architecture,
                   "depth": bb.depth, "width": bb.width, "num_prefix_tokens": bb.num_prefix_tokens,
                   "num_registers": bb.num_registers, "num_patches": bb.num_patches,
                   "params": sum(p.numel() for p in bb.model.parameters())},
@@ -177,11 +178,27 @@ def build_metadata(bb: Backbone, source: ImageSource, plan, cfg: ExtractConfig, 
         "num_layers": L,
         "width": D,
         "chunk_rows": chunk_rows,
-        "extraction": {"batch_size": cfg.batch_size, "autocast": autocast, "device_type": None},
+        "extraction": {"batch_size": cfg.batch_size, "autocast": autocast, "device_type": device_type,
+                       "protocol": bb.protocol},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "library_versions": _library_versions(),
         "complete": False,
     }
+    if bb.projection is not None:
+        w, b = bb.projection
+        meta["projection"] = {
+            "module": "head", "width": int(w.shape[0]), "arrays": list(PROJECTION),
+            "meaning": "the model's own output for a final-layer token t (cls[:, -1], ap[:, -1], a patch token) is "
+                       "t @ weight.T + bias (CLIP: visual.proj after ln_post); the stored tokens are not projected",
+            "checksums": {PROJECTION[0]: array_checksum(w), PROJECTION[1]: array_checksum(b)}}
+    return meta
+
+
+def projection_arrays(bb: Backbone) -> dict[str, np.ndarray] | None:
+    """The store's non-per-sample arrays: the model's output projection, if it has one."""
+    if bb.projection is None:
+        return None
+    return dict(zip(PROJECTION, bb.projection))
 
 
 def _check_tokens(arrays: dict[str, torch.Tensor], dtype: str, plan, ids) -> None:
@@ -236,7 +253,7 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
     dist = Dist(cfg.distributed, device)
     if dist.on and device.type == "cuda":
         device = torch.device("cuda", dist.rank % torch.cuda.device_count())
-    bb = load_backbone(cfg.model)
+    bb = load_backbone(cfg.model, cfg.protocol)
     bb.model.to(device)
     plan = resolve_taps(bb.model, cfg.taps, bb.layout)
     if cfg.registers and not bb.num_registers:
@@ -259,8 +276,8 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
     rows = cfg.chunk_rows or chunk_rows_for(row_bytes)
     weights_fingerprint = bb.fingerprint()  # hashes every weight: once per run, not once per split
     for source in sources:
-        meta = build_metadata(bb, source, plan, cfg, shapes, rows, autocast, weights_fingerprint)
-        meta["extraction"].update(device_type=device.type, **numerics)
+        meta = build_metadata(bb, source, plan, cfg, shapes, rows, autocast, weights_fingerprint, device.type)
+        meta["extraction"].update(**numerics)
         path = store_path(out, dataset_slug(cfg.dataset), safe_component(model_slug), source.split, cfg.fmt)
         need = row_bytes * len(source) * (2 if cfg.fmt == "h5" else 1)  # h5: staged chunks + final file
         free = free_bytes(path.parent)
@@ -287,7 +304,8 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
 
 def _extract_split(bb, source, plan, collector, transform, meta, path, cfg, device, autocast,
                    dist: Dist) -> SplitResult:
-    sink = open_sink(path, meta, overwrite=cfg.overwrite, world=dist.world) if dist.rank == 0 else None
+    sink = (open_sink(path, meta, overwrite=cfg.overwrite, world=dist.world, extras=projection_arrays(bb))
+            if dist.rank == 0 else None)
     skip = dist.share(sink is None)
     if skip:
         log.info("%s is complete; skipped (use --overwrite to redo)", path)

@@ -2,12 +2,13 @@
 same tap vocabulary as timm and the model's own image processor."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from .backbone import Backbone
 from .errors import AlfError
+from .sources import ModelSource
 from .taps import Layout
+from .weights import hub_reachable, ways_out
 
 SUPPORTED = ("vit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model")
 # module names differ across transformers versions (e.g. 4.x `encoder.layer.i.intermediate.dense`,
@@ -57,28 +58,28 @@ class ProcessorTransform:
         return f"{type(self.processor).__name__}({self.processor.to_json_string()})".replace("\n", " ")
 
 
-def load_hf_backbone(name: str):
+def load_hf_backbone(src: ModelSource) -> Backbone:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModel
 
-    from .backbones import Backbone
-
-    ident = name[len("hf:"):]
-    local = Path(ident).is_dir()
-    source_id = f"hf:{Path(ident).resolve()}" if local else name
+    ident = src.ident
+    local = src.local is not None
+    offline = not local and not hub_reachable()  # cache only: fail at once instead of retrying a dead network
     try:
-        config = AutoConfig.from_pretrained(ident)
+        config = AutoConfig.from_pretrained(ident, local_files_only=offline)
         kind = config.model_type
         if kind not in SUPPORTED:
-            raise AlfError(f"model '{name}' is a transformers '{kind}' model; supported: {', '.join(SUPPORTED)}")
+            raise AlfError(f"model '{src.spec}' is a transformers '{kind}' model; supported: {', '.join(SUPPORTED)}")
         cls = CLIPVisionModel if kind.startswith("clip") else AutoModel
-        model = cls.from_pretrained(ident)
-        processor = AutoImageProcessor.from_pretrained(ident)
+        model = cls.from_pretrained(ident, local_files_only=offline)
+        processor = AutoImageProcessor.from_pretrained(ident, local_files_only=offline)
     except AlfError:
         raise
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        where = f"from '{ident}'" if local else "from the Hugging Face hub"
-        raise AlfError(f"could not fetch weights for model '{name}' {where}: {reason}") from None
+        if local:
+            raise AlfError(f"cannot load the transformers model in '{ident}': {reason}") from None
+        why = "not in the Hugging Face cache and the hub is unreachable" if offline else reason
+        raise AlfError(f"model '{src.spec}': cannot get {ident} ({why}); {ways_out('model', src.spec)}") from None
     model.eval()
     vcfg = getattr(model.config, "vision_config", model.config)
     layout = detect_layout(model)
@@ -90,11 +91,11 @@ def load_hf_backbone(name: str):
     data_config = {"processor": type(processor).__name__, "input_size": [3, *size],
                    "mean": pre.get("image_mean"), "std": pre.get("image_std"), "resize": pre.get("size"),
                    "crop": pre.get("crop_size"), "resample": pre.get("resample")}
-    display = f"hf-local-{Path(ident).resolve().name}" if local else name
-    return Backbone(name=display, source_id=source_id, model=model, data_config=data_config, library="transformers",
-                    layout=layout, transform_fn=transform,
+    return Backbone(name=src.name, source_id=src.source_id, model=model, data_config=data_config,
+                    library="transformers", layout=layout, transform_fn=transform,
                     depth=len(dict(model.named_modules())[layout.blocks]), width=int(vcfg.hidden_size),
-                    num_prefix_tokens=1 + regs, num_registers=regs, num_patches=side * side)
+                    num_prefix_tokens=1 + regs, num_registers=regs, num_patches=side * side,
+                    architecture={"transformers_class": type(model).__name__, "model_type": kind})
 
 
 def _blank():

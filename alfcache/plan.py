@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AlfError
+from .registry import MODELS
+from .weights import cached_repo, hub_reachable  # noqa: F401  (hub_reachable: used by the study's plan)
 
 # effective throughput assumed for the estimate (dense ViT inference, FLOP/s)
 THROUGHPUT = {"cpu": 2e11, "cuda": 1e14}
@@ -20,56 +21,33 @@ class PlanItem:
     reason: str
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _hub_cached(repo_id: str, repo_type: str = "model") -> bool:
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        return any(r.repo_id == repo_id and r.repo_type == repo_type for r in scan_cache_dir().repos)
-    except Exception:
-        return False
-
-
 def check_model(name: str, online: bool) -> PlanItem:
-    from .backbones import _is_local
-    from .registry import lookup
+    """Can this model's weights be had? (registry and timm: the hub repo in the cache; local folders: present)"""
+    from .registry import hub_repo
+    from .sources import parse_model
 
-    if name.startswith("hf:"):
-        ident = name[3:]
-        if Path(ident).is_dir():
-            return PlanItem("model", name, True, "local transformers folder")
-        if _hub_cached(ident):
-            return PlanItem("model", name, True, f"in the local hub cache ({ident})")
-        return PlanItem("model", name, online, f"will download {ident}" if online else
-                        f"{ident} not cached and the hub is unreachable")
-    local = _is_local(name)
-    if local is not None or name.startswith("local-dir:"):
-        ok = local is not None and (local / "config.json").is_file()
-        return PlanItem("model", name, ok, "local folder" if ok else f"no model folder at {local}")
-    source = name[len("timm:"):] if name.startswith("timm:") else None
-    if source is None:
-        try:
-            source = lookup(name).source_id
-        except AlfError as e:
-            return PlanItem("model", name, False, str(e))
-    import timm
+    try:
+        src = parse_model(name)
+    except AlfError as e:
+        return PlanItem("model", name, False, str(e))
+    if src.local is not None:
+        return PlanItem("model", name, True, "local folder")
+    if src.kind == "registry":
+        repo = hub_repo(MODELS[src.ident])
+    elif src.kind == "timm":
+        import timm
 
-    cfg = timm.models.get_pretrained_cfg(source)
-    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if repo and _hub_cached(repo):
+        cfg = timm.models.get_pretrained_cfg(src.ident)
+        repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        if not repo:
+            return PlanItem("model", name, False, f"timm model {src.ident} has no weights on the hub")
+    else:
+        repo = src.ident
+    if cached_repo(repo) is not None:
         return PlanItem("model", name, True, f"in the local hub cache ({repo})")
     if online:
-        return PlanItem("model", name, True, f"will download {repo or source}")
-    return PlanItem("model", name, False, f"weights {repo or source} not cached and the hub is unreachable")
+        return PlanItem("model", name, True, f"will download {repo}")
+    return PlanItem("model", name, False, f"weights {repo} not cached and the hub is unreachable")
 
 
 def estimate(model_facts: dict, num_images: int, num_layers: int, device: str = "cpu") -> dict:
@@ -80,24 +58,22 @@ def estimate(model_facts: dict, num_images: int, num_layers: int, device: str = 
 
 
 def model_facts(name: str) -> dict | None:
-    """params / tokens / width / depth without weights (meta device); None for transformers models."""
-    import timm
+    """params / tokens / width / depth without weights (registry: static; others: meta device); None for
+    transformers models."""
     import torch
 
-    from .backbones import _is_local
-    from .registry import lookup
+    from .sources import parse_model
 
-    if name.startswith("hf:"):
+    src = parse_model(name)
+    if src.kind == "hf":
         return None
-    local = _is_local(name)
-    if local is not None:
-        with torch.device("meta"):
-            m = timm.create_model(f"local-dir:{local}", pretrained=False)
-    else:
-        entry = lookup(name) if not name.startswith("timm:") else None
-        with torch.device("meta"):
-            m = timm.create_model(entry.source_id if entry else name[5:], pretrained=False,
-                                  **(entry.create_kwargs if entry else {}))
+    if src.kind == "registry":
+        e = MODELS[src.ident]
+        return {"params": int(e.params_m * 1e6), "width": e.width, "depth": e.blocks, "tokens": e.tokens}
+    import timm
+
+    with torch.device("meta"):
+        m = timm.create_model(f"local-dir:{src.ident}" if src.kind == "local-dir" else src.ident, pretrained=False)
     return {"params": sum(p.numel() for p in m.parameters()), "width": int(m.embed_dim), "depth": len(m.blocks),
             "tokens": int(getattr(m, "num_prefix_tokens", 1)) + int(m.patch_embed.num_patches)}
 

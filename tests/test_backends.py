@@ -88,7 +88,7 @@ def test_hf_hub_id_offline_one_line(monkeypatch):
     from alfcache.errors import AlfError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(AlfError, match="could not fetch weights for model 'hf:facebook/dinov2-base'"):
+    with pytest.raises(AlfError, match=r"model 'hf:facebook/dinov2-base': cannot get facebook/dinov2-base .*alf fetch --model hf:facebook/dinov2-base"):
         load_backbone("hf:facebook/dinov2-base")
 
 

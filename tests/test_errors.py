@@ -31,7 +31,9 @@ def test_unknown_model_and_dataset_suggest(tiny_model):
 
 def test_hub_model_offline_fails_in_one_line(tmp_path):
     p = run_alf("extract", "--model", "clip-b32", "--dataset", "digits", "--out", tmp_path)
-    one_line_error(p, "could not fetch weights for model 'clip-b32'", "vit_base_patch32_clip_224.openai")
+    one_line_error(p, "model 'clip-b32' (vit_base_patch32_clip_224.openai): cannot get the weights from "
+                      "timm/vit_base_patch32_clip_224.openai", "alf fetch --model clip-b32", "HF_HUB_OFFLINE=1",
+                   "local-dir:")
     assert not any(tmp_path.iterdir())
 
 
