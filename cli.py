@@ -56,6 +56,8 @@ def extract(
     model: str = typer.Option(..., help="short name (alf models), timm:<id>, hf:<transformers id or folder>, "
                                         "local-dir:<path> or a model folder"),
     dataset: str = typer.Option(..., help="short name (alf datasets) or imagefolder:<path>"),
+    protocol: str = typer.Option("paper", help="registry models: paper (the authors' extraction, fact by fact) | "
+                                 "clean (CLIP with QuickGELU, bicubic resizing for DINOv2/MAE)"),
     split: str = typer.Option("train,test", help="comma-separated splits"),
     batch_size: int = typer.Option(128, help="images per forward pass"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
@@ -65,7 +67,8 @@ def extract(
     taps: str = typer.Option("alf", help="alf | blocks | modules | comma-separated module names"),
     out: Optional[Path] = typer.Option(None, help="store root (default $ALF_FEATURES or ./features)"),
     overwrite: bool = typer.Option(False, help="redo complete stores"),
-    amp: str = typer.Option("auto", help="auto (bf16, else fp16, on CUDA; off on CPU) | off | bf16 | fp16; "
+    amp: Optional[str] = typer.Option(None, help="off (default with --protocol paper: float32, as the authors) | "
+                                      "auto (default with clean: bf16, else fp16, on CUDA; off on CPU) | bf16 | fp16; "
                             "checked against float32 on 16 images before writing"),
     chunk_rows: Optional[int] = typer.Option(None, help="rows per store chunk (default: ~4 MB chunks)"),
     skip_corrupt: bool = typer.Option(False, help="skip unreadable images, recording them in metadata"),
@@ -79,7 +82,7 @@ def extract(
     """Run a backbone over a dataset and write per-layer CLS/AP tokens, one store per split."""
     from alfcache.extract import ExtractConfig, extract as run
 
-    cfg = ExtractConfig(model=model, dataset=dataset, splits=[s for s in split.split(",") if s], out=out,
+    cfg = ExtractConfig(model=model, dataset=dataset, protocol=protocol, splits=[s for s in split.split(",") if s], out=out,
                         fmt=format, dtype=dtype, taps=taps, batch_size=batch_size, workers=workers, device=device,
                         amp=amp, overwrite=overwrite, chunk_rows=chunk_rows, skip_corrupt=skip_corrupt,
                         break_lock=break_lock, patches=patches, registers=registers, distributed=distributed)
@@ -135,7 +138,8 @@ def probe(
     dataset: Optional[str] = typer.Option(None, help="dataset name as recorded in the stores (optional if one)"),
     model: Optional[str] = typer.Option(None, help="model name as recorded in the stores (optional if one)"),
     store_root: Optional[Path] = typer.Option(None, help="where the stores are (default $ALF_FEATURES or ./features)"),
-    grid: str = typer.Option("paper", help="paper (the paper's full protocol) | quick (small grid for CPU)"),
+    protocol: str = typer.Option("paper", "--protocol", "--grid",
+                                 help="paper (the authors' runs) | clean (paper, clean validation) | quick (CPU)"),
     out: Path = typer.Option(Path("results"), help="results folder"),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -167,7 +171,7 @@ def probe(
                    f"dropout={rec['chosen']['dropout']:g}, {rec['params']:,} params)")
 
     for pair in pairs:
-        run_heads(pair, heads, grid, out, seed=seed, device=device, allow_incomplete=allow_incomplete,
+        run_heads(pair, heads, protocol, out, seed=seed, device=device, allow_incomplete=allow_incomplete,
                   on_result=show if ranks.rank == 0 else None, tap=tap, verify=verify)
     if ranks.rank > 0:
         return
@@ -192,17 +196,17 @@ def report(
     results: Path = typer.Option(Path("results"), help="results folder written by `alf probe`"),
     out: Path = typer.Option(Path("reports"), help="report folder"),
     dataset: Optional[str] = typer.Option(None), model: Optional[str] = typer.Option(None),
-    grid: str = typer.Option("quick", help="grid of the per-layer linear probes"),
+    protocol: str = typer.Option("quick", "--protocol", "--grid", help="protocol of the per-layer linear probes"),
     cka: str = typer.Option("linear", help="linear | rbf (debiased CKA kernel)"),
     layers: bool = typer.Option(True, help="run the per-layer probes + CKA (needs the stores)"),
     modules: bool = typer.Option(True, help="for `--taps modules` stores: linear probe on every block x module"),
     seed: int = 0, device: str = "auto",
 ):
     """Per-layer accuracy + CKA plots, ALF heatmaps and tables against the paper, linked from index.md."""
-    _report(store_root, results, out, dataset, model, grid, cka, layers, seed, device, modules)
+    _report(store_root, results, out, dataset, model, protocol, cka, layers, seed, device, modules)
 
 
-def _report(store_root, results, out, dataset, model, grid, cka, layers, seed, device, modules=True) -> Path:
+def _report(store_root, results, out, dataset, model, protocol, cka, layers, seed, device, modules=True) -> Path:
     from alfcache.format import default_root
     from probes.features import FeatureSet, check_compatible
     from probes.layerwise import layer_sweep
@@ -216,7 +220,7 @@ def _report(store_root, results, out, dataset, model, grid, cka, layers, seed, d
         for pair in discover(store_root or default_root(), dataset, model, skip_unusable=True):
             train, test = FeatureSet.open(pair.train), FeatureSet.open(pair.test)
             check_compatible(train, test)
-            rows = layer_sweep(train, test, grid=grid, seed=seed, device=device, kernel=cka)
+            rows = layer_sweep(train, test, protocol=protocol, seed=seed, device=device, kernel=cka)
             d = out / "layers" / pair.dataset.replace("/", "-") / pair.model.replace("/", "-").replace(":", "-")
             files = layer_report(rows, d, f"{pair.dataset} x {pair.model}")
             sections["Per-layer linear probes and CKA"].append((f"{pair.dataset} x {pair.model}", files["md"]))
@@ -225,7 +229,7 @@ def _report(store_root, results, out, dataset, model, grid, cka, layers, seed, d
                 from probes.layerwise import module_sweep
                 from probes.report import module_report
 
-                mfiles = module_report(module_sweep(train, test, grid=grid, seed=seed, device=device), d,
+                mfiles = module_report(module_sweep(train, test, protocol=protocol, seed=seed, device=device), d,
                                        f"{pair.dataset} x {pair.model}")
                 sections.setdefault("Module-level probes", []).extend(
                     [(f"{pair.dataset} x {pair.model}", mfiles["md"]), (f"{pair.dataset} x {pair.model} (plot)", mfiles["png"])])
@@ -250,9 +254,11 @@ def reproduce(
                                           "clip-b16", "clip-l"]), help="comma-separated models"),
     datasets: Optional[str] = typer.Option(None, help="comma-separated datasets (default: the paper's)"),
     heads: str = typer.Option("all", help="comma-separated heads or all"),
-    grid: str = typer.Option("paper"),
+    protocol: str = typer.Option("paper", "--protocol", "--grid", help="probe protocol (and the registry's "
+                                 "extraction protocol: paper or clean)"),
     root: Path = typer.Option(Path("."), help="folder for features/, results/ and reports/"),
     device: str = typer.Option("auto"), workers: int = typer.Option(2), batch_size: int = typer.Option(128),
+    dtype: str = typer.Option("float32", help="stored precision: float32 (as the authors) or float16 (half the disk)"),
     seed: int = 0,
 ):
     """The whole study: extract (complete stores skipped), probe every head, report. Rerun to resume."""
@@ -267,7 +273,7 @@ def reproduce(
     from probes.features import FeatureSet
     from probes.results import result_dir, write_summary
     from probes.runner import discover, run_heads
-    from probes.train import supported_heads
+    from probes.heads import supported_heads
 
     model_list = [m for m in models.split(",") if m]
     dataset_list = [d for d in (datasets.split(",") if datasets else PAPER_DATASETS) if d]
@@ -303,18 +309,19 @@ def reproduce(
         for m in ok_models:
             try:  # one broken pair must not stop a study that runs for days: note it and go on
                 res = run_extract(ExtractConfig(model=m, dataset=d, out=features, device=device, workers=workers,
-                                                batch_size=batch_size))
+                                                batch_size=batch_size, dtype=dtype,
+                                                protocol="clean" if protocol == "clean" else "paper"))
                 for r in res:
                     typer.echo(f"{d} x {m} {r.split}: {r.status}")
                 meta = read_metadata(res[0].path)
                 for pair in discover(features, dataset=meta["dataset"]["name"], model=meta["model"]["name"]):
                     wanted = supported_heads(FeatureSet.open(pair.train)) if head_list == ["all"] else head_list
                     todo = [h for h in wanted
-                            if not _result_done(result_dir(results, pair.dataset, pair.model), h, grid, seed)]
+                            if not _result_done(result_dir(results, pair.dataset, pair.model), h, protocol, seed)]
                     typer.echo(f"{pair.dataset} x {pair.model}: {len(wanted) - len(todo)} heads done, "
                                f"running {todo or 'none'}")
                     if todo:
-                        run_heads(pair, todo, grid, results, seed=seed, device=device)
+                        run_heads(pair, todo, protocol, results, seed=seed, device=device)
             except (AlfError, ProbeError, StoreError) as e:
                 typer.secho(f"FAILED {d} x {m}: {e}", err=True, fg=typer.colors.RED)
                 failed.append(f"{d} x {m}")
@@ -325,14 +332,14 @@ def reproduce(
                        f"fix the cause and rerun to do only what is missing")
 
 
-def _result_done(folder: Path, head: str, grid: str, seed: int) -> bool:
+def _result_done(folder: Path, head: str, protocol: str, seed: int) -> bool:
     import json
 
     f = folder / f"{head.replace(':', '-')}.json"
     if not f.exists():
         return False
     rec = json.loads(f.read_text())
-    return rec.get("grid_name") == grid and rec.get("seed") == seed and "test_balanced_accuracy" in rec
+    return rec.get("protocol_name") == protocol and rec.get("seed") == seed and "test_balanced_accuracy" in rec
 
 
 def main() -> None:

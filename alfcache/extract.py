@@ -47,7 +47,8 @@ class ExtractConfig:
     batch_size: int = 128
     workers: int = 2
     device: str = "auto"
-    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    amp: str | None = None  # None: off for the paper protocol (the authors ran float32), auto for clean;
+    # auto = bf16/fp16 on CUDA, off on CPU | off | bf16 | fp16
     overwrite: bool = False
     chunk_rows: int | None = None
     skip_corrupt: bool = False
@@ -249,7 +250,8 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
         raise AlfError("--batch-size must be at least 1")
     sources = [open_source(cfg.dataset, s) for s in cfg.splits]  # validate names before loading a model
     device = resolve_device(cfg.device)
-    autocast = resolve_autocast(cfg.amp, device)  # a bad --amp fails before any model is loaded
+    amp = cfg.amp if cfg.amp is not None else ("off" if cfg.protocol == "paper" else "auto")
+    autocast = resolve_autocast(amp, device)  # a bad --amp fails before any model is loaded
     dist = Dist(cfg.distributed, device)
     if dist.on and device.type == "cuda":
         device = torch.device("cuda", dist.rank % torch.cuda.device_count())

@@ -15,7 +15,8 @@ from alfcache import format as store_format
 from alfcache.format import PAIR_KEYS, StoreError, check_labels, get, missing_chunks, open_arrays, read_metadata
 
 from .errors import ProbeError
-from .selection import TokenSpec, resolve_layers
+from .selection import TokenLayout, TokenSpec, resolve_layers
+
 
 @dataclass
 class FeatureSet:
@@ -30,12 +31,14 @@ class FeatureSet:
     chunk_rows: int = 4096
     _handle: object = None
     mean: object | None = None  # (N, L, D) mean over all tokens (module taps only)
+    projection: tuple[np.ndarray, np.ndarray] | None = None  # the model's output projection (E, D), (E,)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_arrays(klass, *, cls=None, ap=None, labels, class_names=None, layer_names=None, patches=None,
-                    meta=None) -> "FeatureSet":
-        """Build from (N, L, D) `cls` and/or `ap` arrays, (N,) labels and optional (N, P, D) patches."""
+                    meta=None, projection=None) -> "FeatureSet":
+        """Build from (N, L, D) `cls` and/or `ap` arrays, (N,) labels and optional (N, P, D) patches; `projection`
+        = (weight (E, D), bias (E,)): the model's output projection of the last layer (as CLIP's visual.proj)."""
         cls_tokens = cls
         if cls_tokens is None and ap is None:
             raise ProbeError("from_arrays needs cls and/or ap arrays of shape (N, L, D)")
@@ -57,7 +60,12 @@ class FeatureSet:
         meta.setdefault("num_layers", ref.shape[1])
         meta.setdefault("width", ref.shape[2])
         meta.setdefault("class_names", class_names)
-        return klass(cls_tokens, ap, labels, class_names, layer_names, patches, meta)
+        if projection is not None:
+            projection = tuple(np.asarray(a, dtype=np.float32) for a in projection)
+            if projection[0].shape[1:] != (ref.shape[2],) or projection[1].shape != projection[0].shape[:1]:
+                raise ProbeError(f"projection weight {projection[0].shape} / bias {projection[1].shape} do not fit "
+                                 f"tokens of width {ref.shape[2]}")
+        return klass(cls_tokens, ap, labels, class_names, layer_names, patches, meta, projection=projection)
 
     @classmethod
     def open(klass, path: str | Path, *, in_memory: bool = False, allow_incomplete: bool = False) -> "FeatureSet":
@@ -79,9 +87,12 @@ class FeatureSet:
         labels = np.asarray(arrays["labels"][:], dtype=np.int64)
         if meta.get("complete"):
             check_labels(labels, meta, path)
+        projection = None
+        if meta.get("projection"):
+            projection = tuple(np.asarray(arrays[name][...], dtype=np.float32) for name in store_format.PROJECTION)
         fs = klass(arrays["cls"], arrays["ap"], labels, list(meta["class_names"]), list(meta["taps"]["layer_names"]),
                    arrays["patches"] if "patches" in arrays else None, meta, path, int(meta.get("chunk_rows", 4096)),
-                   arrays)
+                   arrays, projection=projection)
         if in_memory:
             fs.cls, fs.ap = np.asarray(fs.cls[:]), np.asarray(fs.ap[:])
             if fs.patches is not None:
@@ -136,14 +147,34 @@ class FeatureSet:
     def token_names(self, spec: TokenSpec) -> list[str]:
         return spec.token_names(self.layer_names, self.num_patches)
 
+    def _projects(self, spec: TokenSpec) -> bool:
+        """Does the spec see the last layer through the model's output projection? (Only when that layer is the
+        model's final norm: a store of an explicit module list has no output layer.)"""
+        final = self.path is None or (self.layer_names and self.layer_names[-1] == "final_norm")
+        return spec.final == "output" and self.projection is not None and bool(final)
+
+    def layout(self, spec: TokenSpec) -> TokenLayout:
+        """Names, real widths and the padded width W of the (T, W) tokens `tokens(rows, spec)` returns."""
+        names = self.token_names(spec)
+        layers = resolve_layers(self.num_layers, spec.layers)
+        D = self.width
+        E = int(self.projection[0].shape[0]) if self._projects(spec) else D
+        last = self.num_layers - 1
+        widths = [E if l == last else D for l in layers for _ in spec.kind_list()]
+        widths += [E] * (self.num_patches if spec.patches else 0)
+        width = max(D, *widths) if spec.pad == "model" else max(widths)
+        return TokenLayout(names, widths, width)
+
     # ------------------------------------------------------------------ reading
     def tokens(self, rows: np.ndarray, spec: TokenSpec, out: np.ndarray | None = None) -> np.ndarray:
-        """(len(rows), T, D) float32 tokens for the given rows, in the spec's interleaved order.
+        """(len(rows), T, W) float32 tokens for the given rows, in the spec's interleaved order, normalised and
+        zero-padded on the right where a token is narrower than W (see `layout`).
 
-        Rows are read in sorted order, one read per touched chunk, each block converted straight into its
-        slots of one float32 output (no intermediate stacks); then put back in the asked order. `out`: a
-        float32 buffer with at least len(rows) rows to fill instead of a new array (a streaming reader reuses
-        its buffers: first touches of fresh memory cost more than the decoding on some machines).
+        The last layer (and the patch tokens) pass through the model's output projection when the spec asks for
+        the model's output and the store has one (CLIP). Rows are read in sorted order, one read per touched
+        chunk, each block converted straight into its slots of one float32 output; then put back in the asked
+        order. `out`: a float32 buffer with at least len(rows) rows to fill instead of a new array (a streaming
+        reader reuses its buffers: first touches of fresh memory cost more than the decoding on some machines).
         """
         rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
@@ -152,31 +183,53 @@ class FeatureSet:
             raise ProbeError("token kind 'mean' (all tokens) exists for module taps only; choose a --tap")
         if spec.patches and self.patches is None:
             raise ProbeError("this head needs last-layer patch tokens; extract with --patches")
+        layout = self.layout(spec)
         layers = resolve_layers(self.num_layers, spec.layers)
         kinds = spec.kind_list()
-        L = len(layers)
+        K, L, D = len(kinds), len(layers), self.width
         import torch  # float16 -> float32 copies and normalisation in torch: ~9x faster than numpy's cast
 
-        shape = (len(srt), L * len(kinds) + (self.num_patches if spec.patches else 0), self.width)
+        shape = (len(srt), layout.num_tokens, layout.width)
         if out is None:
             out = np.empty(shape, np.float32)
         elif out.dtype != np.float32 or out.shape[1:] != shape[1:] or len(out) < len(srt) or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous float32 array of at least {shape}, not {out.dtype} {out.shape}")
         out = out[:len(srt)]
         x = torch.from_numpy(out)
+        if layout.padded:
+            x.zero_()
+        project = None
+        if self._projects(spec):
+            w, b = (torch.from_numpy(a) for a in self.projection)
+            project = lambda t: torch.addmm(b, t.reshape(-1, D), w.t()).view(*t.shape[:-1], -1)
+        last = self.num_layers - 1
+        plain = [l for l in layers if not (project is not None and l == last)]
         for j, k in enumerate(kinds):  # cls+ap interleaves [CLS_1, AP_1, CLS_2, ...]
-            slots = slice(j, L * len(kinds), len(kinds))
-            for pos, block in self._blocks(getattr(self, k), srt, layers):
-                x[pos:pos + len(block), slots].copy_(torch.from_numpy(np.ascontiguousarray(block)))
+            arr = getattr(self, k)
+            slots = [layers.index(l) * K + j for l in plain]
+            if plain:
+                sl = slice(slots[0], slots[-1] + 1, K) if len(slots) > 1 else slice(slots[0], slots[0] + 1)
+                for pos, block in self._blocks(arr, srt, plain):
+                    x[pos:pos + len(block), sl, :D].copy_(torch.from_numpy(np.ascontiguousarray(block)))
+            if len(plain) < L:  # the projected last layer
+                slot = layers.index(last) * K + j
+                for pos, block in self._blocks(arr, srt, [last]):
+                    t = project(torch.from_numpy(np.ascontiguousarray(block[:, 0])).float())
+                    x[pos:pos + len(block), slot, :t.shape[-1]].copy_(t)
         if spec.patches:
             for pos, block in self._blocks(self.patches, srt, None):
-                x[pos:pos + len(block), L * len(kinds):].copy_(torch.from_numpy(np.ascontiguousarray(block)))
-        norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # non-finite iff some element is
-        bad = ~torch.isfinite(norms).reshape(len(srt), -1).all(dim=1)
+                t = torch.from_numpy(np.ascontiguousarray(block)).float()
+                t = project(t) if project is not None else t
+                x[pos:pos + len(block), L * K:, :t.shape[-1]].copy_(t)
+        if spec.normalise == "across-tokens":  # every channel over the tokens of a sample (the authors' all-token
+            norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # features: F.normalize(dim=1) of (N, T, D))
+        else:
+            norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        bad = ~torch.isfinite(norms).reshape(len(srt), -1).all(dim=1)  # non-finite iff some element is
         if bool(bad.any()):
             rows_bad = srt[bad.nonzero()[:, 0].numpy()[:3]]
             raise ProbeError(f"non-finite tokens in rows {rows_bad.tolist()}" + (f" of '{self.path}'" if self.path else ""))
-        if spec.normalise:
+        if spec.normalise != "none":
             x.div_(norms.clamp_min_(1e-12))
         if np.array_equal(order, np.arange(len(order))):
             return out  # asked in sorted order already: no reordering copy

@@ -9,36 +9,42 @@ import numpy as np
 
 from .cka import cka
 from .features import FeatureSet
+from .fit import balanced_accuracy, validation_split
+from .heads import PerTokenProbe
+from .protocol import resolve_protocol
 from .selection import TokenSpec
-from .train import (HeadSpec, _val_split, balanced_accuracy, predict_logits, resolve_device, resolve_grid,
-                    train_configs)
+from .train import predict_logits, resolve_device, train_configs
 
 
 
-def layer_sweep(train: FeatureSet, test: FeatureSet, grid="quick", seed: int = 0, device=None,
+def layer_sweep(train: FeatureSet, test: FeatureSet, protocol="quick", seed: int = 0, device=None,
                 kernel: str = "linear", progress: bool = True, kinds: str = "cls+ap") -> list[dict]:
-    """One row per (layer, kind): chosen lr/wd, val and test balanced accuracy, CKA with the last layer."""
-    g = resolve_grid(grid)
+    """One row per (layer, kind): chosen lr/wd, val and test balanced accuracy, CKA with the last layer.
+    Each token's probe is the authors' per-layer linear probe (single_model_evaluation_all_intermediate_layers)."""
+    p = resolve_protocol(protocol)
     dev = resolve_device(device)
-    spec = HeadSpec("per-token", "per-token", TokenSpec("all", kinds))
-    per_layer = len(spec.tokens.kind_list())
-    names = train.token_names(spec.tokens)
+    head = PerTokenProbe("per-token", TokenSpec("all", kinds))
+    tokens = head.token_spec(p)
+    per_layer = len(tokens.kind_list())
+    names = train.token_names(tokens)
     T = len(names)
     rows = train.rows
-    tr, va = _val_split(train.labels[rows], g.val_fraction, seed)
-    configs = [{"token": t, "lr": c["lr"], "wd": c["wd"], "dropout": 0.0} for t in range(T) for c in g.configs("linear")]
-    module, _ = train_configs(train, rows[tr], spec, configs, g, seed=seed, device=dev, progress=progress,
-                              desc=f"layer sweep: {len(configs)} probes")
-    val_logits, _ = predict_logits(module, train, rows[va], spec, dev)
+    tr, va = validation_split(train.labels[rows], p.val_fraction, seed)
+    batch_all, batch_tune = p.batch_size_for(len(rows)), p.tuning_batch_size(len(rows), len(tr))
+    configs = [{"token": t, "lr": c["lr"], "wd": c["wd"], "dropout": 0.0} for t in range(T) for c in p.configs(False)]
+    module, _ = train_configs(train, rows[tr], head, tokens, configs, p, batch_size=batch_tune, seed=seed,
+                              device=dev, progress=progress, desc=f"layer sweep: {len(configs)} probes")
+    val_logits, _ = predict_logits(module, train, rows[va], tokens, dev, noise=(p, seed) if p.val_noise else None)
     y_val = train.labels[rows[va]]
     scores = np.array([balanced_accuracy(y_val, val_logits[i].argmax(-1)) for i in range(len(configs))])
     best = [max((i for i in range(len(configs)) if configs[i]["token"] == t), key=lambda i: scores[i]) for t in range(T)]
     winners = [configs[i] for i in best]
-    final, _ = train_configs(train, rows, spec, winners, g, seed=seed, device=dev, progress=progress,
-                             desc="layer sweep: retrain winners")
-    test_logits, _ = predict_logits(final, test, test.rows, spec, dev)
+    final, _ = train_configs(train, rows, head, tokens, winners, p, batch_size=batch_all, seed=seed, device=dev,
+                             progress=progress, desc="layer sweep: retrain winners")
+    test_logits, _ = predict_logits(final, test, test.rows, tokens, dev)
     y_test = test.labels[test.rows]
-    raw = test.tokens(test.rows, TokenSpec("all", kinds, normalise=False))
+    widths = test.layout(tokens).widths
+    raw = test.tokens(test.rows, TokenSpec("all", kinds, normalise="none"))
     out = []
     for t, name in enumerate(names):
         layer, kind = name.rsplit(":", 1)
@@ -46,12 +52,12 @@ def layer_sweep(train: FeatureSet, test: FeatureSet, grid="quick", seed: int = 0
         out.append({"token": name, "layer": layer, "layer_index": t // per_layer + 1, "kind": kind,
                     "lr": winners[t]["lr"], "wd": winners[t]["wd"], "val_balanced_accuracy": float(scores[best[t]]),
                     "test_balanced_accuracy": balanced_accuracy(y_test, test_logits[t].argmax(-1)),
-                    f"cka_{kernel}_with_last": cka(raw[:, t], raw[:, last], kernel=kernel)})
+                    f"cka_{kernel}_with_last": cka(raw[:, t, :widths[t]], raw[:, last, :widths[last]], kernel=kernel)})
     return out
 
 
-def module_sweep(train: FeatureSet, test: FeatureSet, pool: str = "mean", grid="quick", seed: int = 0, device=None,
-                 progress: bool = True) -> list[dict]:
+def module_sweep(train: FeatureSet, test: FeatureSet, pool: str = "mean", protocol="quick", seed: int = 0,
+                 device=None, progress: bool = True) -> list[dict]:
     """Linear probe on every (block, module) of a `--taps modules` store (Odonnat et al.'s picture):
     one row per block with the test balanced accuracy of each module and the best module."""
     kinds = train.module_taps
@@ -59,8 +65,8 @@ def module_sweep(train: FeatureSet, test: FeatureSet, pool: str = "mean", grid="
         from .errors import ProbeError
 
         raise ProbeError("the store has no module taps; extract with --taps modules")
-    per_module = {k: layer_sweep(train.select_tap(k), test.select_tap(k), grid=grid, seed=seed, device=device,
-                                 progress=progress, kinds=pool) for k in kinds}
+    per_module = {k: layer_sweep(train.select_tap(k), test.select_tap(k), protocol=protocol, seed=seed,
+                                 device=device, progress=progress, kinds=pool) for k in kinds}
     rows = []
     for b in range(len(per_module[kinds[0]])):
         row = {"block": b, **{k: round(per_module[k][b]["test_balanced_accuracy"], 2) for k in kinds}}

@@ -49,7 +49,8 @@ class BatchedAdamW:
         for p, g in zip(self.params, self.views):
             p.grad = g  # backward accumulates into the buffer in place
 
-    def _gather_grads(self) -> None:
+    def gather_grads(self) -> None:
+        """Make every parameter's .grad the view of its columns of the flat gradient buffer."""
         for p, g in zip(self.params, self.views):
             if p.grad is None:
                 g.zero_()
@@ -60,7 +61,7 @@ class BatchedAdamW:
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip each configuration's whole gradient to `max_norm` (as torch.nn.utils.clip_grad_norm_)."""
-        self._gather_grads()
+        self.gather_grads()
         norm = self.grad.pow(2).sum(1).sqrt_()
         coef = (max_norm / (norm + 1e-6)).clamp_(max=1.0)
         self.grad.mul_(coef.unsqueeze(1))
@@ -68,7 +69,7 @@ class BatchedAdamW:
 
     @torch.no_grad()
     def step(self, lr: torch.Tensor) -> None:
-        self._gather_grads()
+        self.gather_grads()
         self.t += 1
         b1, b2 = self.betas
         bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t

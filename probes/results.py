@@ -11,7 +11,7 @@ import numpy as np
 HEAD_ORDER = ["linear", "linear-clsap", "concat", "concat:middle+last", "concat:quarterly", "attentive",
               "alf:last", "alf:middle+last", "alf:quarterly", "alf", "alf-patches"]
 COLUMNS = ["dataset", "model", "head", "test_balanced_accuracy", "test_top1", "val_balanced_accuracy",
-           "lr", "wd", "dropout", "params", "train_seconds", "n_train", "n_test", "grid", "seed"]
+           "lr", "wd", "dropout", "params", "train_seconds", "n_train", "n_test", "protocol", "seed"]
 
 
 def _slug(s: str) -> str:
@@ -60,7 +60,7 @@ def collect(out: str | Path) -> list[dict]:
                      "lr": chosen.get("lr"), "wd": chosen.get("wd"), "dropout": chosen.get("dropout"),
                      "params": r.get("params"),
                      "train_seconds": round(r.get("train_seconds_grid", 0) + r.get("train_seconds_final", 0), 1),
-                     "n_train": r.get("n_train_all"), "n_test": r.get("n_test"), "grid": r.get("grid_name"),
+                     "n_train": r.get("n_train_all"), "n_test": r.get("n_test"), "protocol": r.get("protocol_name", r.get("grid_name")),
                      "seed": r.get("seed")})
     order = {h: i for i, h in enumerate(HEAD_ORDER)}
     rows.sort(key=lambda r: (str(r["dataset"]), str(r["model"]), order.get(r["head"], 99), str(r["head"])))

@@ -12,7 +12,8 @@ from .errors import ProbeError, unknown_name
 from .features import FeatureSet, check_compatible, verify_store
 from .ranks import current as current_ranks
 from .results import write_result
-from .train import HEADS, fit, head_spec, supported_heads
+from .fit import fit
+from .heads import HEADS, head_spec, supported_heads
 
 
 @dataclass
@@ -62,7 +63,7 @@ def discover(store_root: str | Path, dataset: str | None = None, model: str | No
     return pairs
 
 
-def run_heads(pair: StorePair, heads: list[str], grid: str | dict, out: Path, *, seed: int = 0, device=None,
+def run_heads(pair: StorePair, heads: list[str], protocol: str | dict, out: Path, *, seed: int = 0, device=None,
               allow_incomplete: bool = False, progress: bool = True, on_result=None, tap: str | None = None,
               verify: bool = True) -> list[dict]:
     if verify and not allow_incomplete:
@@ -82,10 +83,10 @@ def run_heads(pair: StorePair, heads: list[str], grid: str | dict, out: Path, *,
     records = []
     for h in heads:
         t0 = time.perf_counter()
-        probe = fit(train, h, grid=grid, seed=seed, device=device, progress=progress)
+        probe = fit(train, h, protocol=protocol, seed=seed, device=device, progress=progress)
         rec = dict(probe.record)
         name = h if not tap else f"{h}@{tap}"
-        rec.update({"dataset": pair.dataset, "model": pair.model, "head": name, "tap": tap or "main", "grid_name": grid if isinstance(grid, str) else "custom",
+        rec.update({"dataset": pair.dataset, "model": pair.model, "head": name, "tap": tap or "main", "protocol_name": protocol if isinstance(protocol, str) else "custom",
                     "train_store": str(pair.train), "test_store": str(pair.test),
                     "weights_fingerprint": train.meta.get("model", {}).get("fingerprint"),
                     "pretrained_weights": train.meta.get("model", {}).get("pretrained_weights"),
@@ -94,7 +95,7 @@ def run_heads(pair: StorePair, heads: list[str], grid: str | dict, out: Path, *,
         records.append(rec)
         if current_ranks().rank > 0:  # every rank holds the same result; rank 0 writes it
             continue
-        att = probe.attention(test) if head_spec(h).kind == "attention" else None
+        att = probe.attention(test) if head_spec(h).has_attention else None
         path = write_result(out, pair.dataset, pair.model, name, rec, att, probe.token_names)
         probe.save(path.with_name(path.stem + "_probe"))
         if on_result:

@@ -1,12 +1,21 @@
-"""Which tokens a head sees: layers x kinds, interleaved per layer, L2-normalised per token."""
+"""Which tokens a head sees and how they are prepared: layers x kinds interleaved per layer
+[CLS_1, AP_1, CLS_2, ...], optionally the last layer's patch tokens; normalised, and zero-padded on the right
+where tokens are narrower than the rest (CLIP's projected final layer)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from .errors import ProbeError
 
 LAYER_SPECS = ("all", "last", "middle+last", "quarterly")
 KINDS = ("cls", "ap", "mean", "cls+ap")
+# "token": every token L2-normalised on its own; "across-tokens": every channel L2-normalised over the tokens of
+# a sample (what the authors' code does to all-token features: F.normalize(dim=1) of an (N, T, D) tensor)
+NORMALISE = ("token", "across-tokens", "none")
+PAD = ("model", "widest")  # narrower tokens padded to the model's width, or to the widest selected token
+FINAL = ("output", "norm")  # the final layer as the model outputs it (CLIP: projected) or the final norm's output
 
 
 def resolve_layers(num_layers: int, spec: str | list[int] | tuple[int, ...]) -> list[int]:
@@ -44,11 +53,15 @@ class TokenSpec:
     layers: str | tuple[int, ...] = "all"
     kinds: str = "cls+ap"  # cls | ap | mean (all tokens; module taps) | cls+ap
     patches: bool = False  # append the last layer's patch tokens (needs `patches` in the feature set)
-    normalise: bool = True
+    normalise: str = "token"
+    pad: str = "model"
+    final: str = "output"
 
     def __post_init__(self):
-        if self.kinds not in KINDS:
-            raise ProbeError(f"unknown token kind '{self.kinds}' (known: {', '.join(KINDS)})")
+        for value, known, what in ((self.kinds, KINDS, "token kind"), (self.normalise, NORMALISE, "normalisation"),
+                                   (self.pad, PAD, "padding"), (self.final, FINAL, "final-layer form")):
+            if value not in known:
+                raise ProbeError(f"unknown {what} '{value}' (known: {', '.join(known)})")
 
     def kind_list(self) -> list[str]:
         return ["cls", "ap"] if self.kinds == "cls+ap" else [self.kinds]
@@ -59,3 +72,31 @@ class TokenSpec:
         if self.patches:
             names += [f"patch{p}" for p in range(num_patches)]
         return names
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The tokens a head receives: names, each token's real width, the padded width W of the (T, W) array."""
+
+    names: list[str]
+    widths: list[int]
+    width: int
+    valid: np.ndarray = field(repr=False, default=None)  # columns of the flattened (T * W) input that are real
+
+    def __post_init__(self):
+        if self.valid is None:
+            cols = np.concatenate([t * self.width + np.arange(w) for t, w in enumerate(self.widths)])
+            object.__setattr__(self, "valid", cols.astype(np.int64))
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.names)
+
+    @property
+    def padded(self) -> bool:
+        return any(w < self.width for w in self.widths)
+
+    @property
+    def features(self) -> int:
+        """Width of the concatenation of the real (unpadded) tokens."""
+        return int(sum(self.widths))

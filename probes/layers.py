@@ -1,0 +1,136 @@
+"""Layers batched over a grid: every parameter has a leading axis G, one slice per configuration.
+
+All G slices start from the same initialisation (drawn once from the seed, in the order torch's own modules draw
+it), so a configuration trained inside a grid equals the same configuration trained alone. Logits are returned
+as (G, B, C) views whose memory is class-major (G, C, B): the loss reduces over the few classes along long rows.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def replicate(t: torch.Tensor, G: int) -> nn.Parameter:
+    return nn.Parameter(t.unsqueeze(0).repeat(G, *([1] * t.dim())).contiguous())
+
+
+def linear_init(fan_in: int, fan_out: int, bias: bool = True):
+    """torch.nn.Linear's default initialisation (same random draws), as (in, out) weight and (out,) bias."""
+    lin = nn.Linear(fan_in, fan_out, bias=bias)
+    return lin.weight.detach().t().contiguous(), (lin.bias.detach().clone() if bias else None)
+
+
+def _biased_var(x: torch.Tensor, mean: torch.Tensor, dim: int) -> torch.Tensor:
+    """Population variance by the two-pass formula: equals x.var(dim, unbiased=False), whose CPU kernel is
+    ~5x slower when reducing over the leading (batch) axis."""
+    d = x - mean.unsqueeze(dim)
+    return (d * d).mean(dim)
+
+
+class BatchedBatchNorm(nn.Module):
+    """BatchNorm1d (affine, momentum 0.1, eps 1e-5) applied independently per configuration: x (G, B, F)."""
+
+    def __init__(self, G: int, features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(G, features))
+        self.bias = nn.Parameter(torch.zeros(G, features))
+        self.register_buffer("running_mean", torch.zeros(G, features))
+        self.register_buffer("running_var", torch.ones(G, features))
+
+    @torch.no_grad()
+    def track(self, sl: slice, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """Move the running statistics of configurations `sl` towards a batch's (BatchNorm1d's momentum rule)."""
+        self.running_mean[sl].lerp_(mean, self.momentum)
+        self.running_var[sl].lerp_(unbiased_var, self.momentum)
+
+    def forward(self, x: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
+        if self.training:
+            mean = x.mean(dim=1)
+            var = _biased_var(x, mean, 1)
+            n = x.shape[1]
+            self.track(sl, mean, var * (n / max(n - 1, 1)))
+        else:
+            mean, var = self.running_mean[sl], self.running_var[sl]
+        xn = (x - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps)
+        return xn * self.weight[sl].unsqueeze(1) + self.bias[sl].unsqueeze(1)
+
+
+class BatchedLinear(nn.Module):
+    """nn.Linear(F, C) per configuration: weight (G, F, C), bias (G, C)."""
+
+    def __init__(self, G: int, features: int, num_classes: int):
+        super().__init__()
+        w, b = linear_init(features, num_classes)
+        self.weight, self.bias = replicate(w, G), replicate(b, G)
+
+    def forward(self, x: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
+        """x (g, B, F), one input per configuration -> class-major logits (g, B, C)."""
+        return torch.baddbmm(self.bias[sl].unsqueeze(-1), self.weight[sl].transpose(1, 2), x.transpose(1, 2)).transpose(1, 2)
+
+    def shared(self, x: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
+        """x (B, F) shared by every configuration: one matrix product for the whole grid -> (g, B, C)."""
+        W = self.weight[sl]
+        g, F_, C = W.shape
+        out = torch.addmm(self.bias[sl].reshape(g * C, 1), W.permute(0, 2, 1).reshape(g * C, F_), x.t())
+        return out.view(g, C, -1).transpose(1, 2)
+
+
+class Classifier(nn.Module):
+    """BatchNorm1d -> Linear, batched over G (the attention heads' classifier)."""
+
+    def __init__(self, G: int, features: int, num_classes: int):
+        super().__init__()
+        self.bn = BatchedBatchNorm(G, features)
+        self.linear = BatchedLinear(G, features, num_classes)
+
+    def forward(self, x: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
+        return self.linear(self.bn(x, sl), sl)
+
+
+class LinearHead(nn.Module):
+    """The real (unpadded) columns of the T selected tokens, concatenated -> Linear (the authors' linear probes:
+    a plain nn.Linear on the L2-normalised features, no BatchNorm)."""
+
+    def __init__(self, G: int, valid: torch.Tensor, num_classes: int):
+        super().__init__()
+        self.register_buffer("valid", valid.long().clone(), persistent=False)  # from the layout on load
+        self.num_classes = num_classes
+        self.linear = BatchedLinear(G, len(valid), num_classes)
+
+    def forward(self, x: torch.Tensor, sl: slice = slice(None), draws=None) -> torch.Tensor:
+        """x (B, T, W) shared by all configurations -> logits (g, B, C), one matrix product for the grid."""
+        flat = x.reshape(x.shape[0], -1)
+        if len(self.valid) != flat.shape[1]:
+            flat = flat.index_select(1, self.valid)
+        return self.linear.shared(flat, sl)
+
+
+class PerTokenLinearHead(nn.Module):
+    """Configuration g reads only token `token_index[g]` (its real columns) -> Linear (per-layer probes)."""
+
+    def __init__(self, G: int, widths: list[int], width: int, num_classes: int, token_index: torch.Tensor):
+        super().__init__()
+        self.register_buffer("token_index", token_index.long().clone())
+        mask = torch.zeros(len(widths), width)
+        for t, w in enumerate(widths):
+            mask[t, :w] = 1.0
+        self.register_buffer("mask", mask)  # padded columns of a narrower token never reach its probe
+        self.linear = BatchedLinear(G, width, num_classes)
+
+    def forward(self, x: torch.Tensor, sl: slice = slice(None), draws=None) -> torch.Tensor:
+        idx = self.token_index[sl]
+        xt = x[:, idx].transpose(0, 1) * self.mask[idx].unsqueeze(1)  # (g, B, W)
+        return self.linear(xt, sl)
+
+
+def count_parameters(head: nn.Module, per_config: bool = True) -> int:
+    """Trainable parameters of one configuration (every parameter carries the grid axis G first)."""
+    params = list(head.parameters())
+    if not per_config or not params:
+        return sum(p.numel() for p in params)
+    return sum(p[0].numel() for p in params)
+
+
+__all__ = ["BatchedBatchNorm", "BatchedLinear", "Classifier", "LinearHead", "PerTokenLinearHead", "count_parameters",
+           "linear_init", "replicate"]
