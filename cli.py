@@ -1,8 +1,12 @@
-"""`alf`: thin command-line glue over alfcache (extraction) and probes (heads on stored tokens)."""
+"""`alf`: thin command-line glue over alfcache (extraction), probes (heads on stored tokens) and study.py
+(whole runs). Every command checks its arguments first - cheaply, before any heavy import or I/O - then makes
+one call. Errors are one line on stderr and exit 2; third-party log chatter goes to a log file (or, with -v, to
+the terminal)."""
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,35 +18,156 @@ from alfcache.format import StoreError
 from probes.errors import ProbeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Extract ViT layer tokens once into stores; probe them many times.")
+                  rich_markup_mode=None, help="Extract ViT layer tokens once into stores; probe them many times.")
+ERRORS = (AlfError, ProbeError, StoreError)
+MAX_TEXT = 1000  # longest name or path accepted on the command line
 
 
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=2)
+# ------------------------------------------------------------------------------------------ argument checks
+def _bad(msg: str) -> AlfError:
+    return AlfError(msg)
+
+
+def _at_least(option: str, value: int, minimum: int, maximum: int | None = None) -> int:
+    if value < minimum or (maximum is not None and value > maximum):
+        rng = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise _bad(f"{option} must be {rng} (got {value})")
+    return value
+
+
+def _text(option: str, value: str) -> str:
+    if not value or not value.strip():
+        raise _bad(f"{option} must not be empty")
+    if len(value) > MAX_TEXT:
+        raise _bad(f"{option} is {len(value)} characters long (at most {MAX_TEXT})")
+    return value.strip()
+
+
+def _names(option: str, value: str) -> list[str]:
+    """A comma-separated list of non-empty names."""
+    _text(option, value)
+    parts = [p.strip() for p in value.split(",")]
+    if any(not p for p in parts):
+        raise _bad(f"{option} has an empty name in '{value}' (comma-separated names, no empty entries)")
+    return parts
+
+
+def _choice(option: str, value: str, choices) -> str:
+    if value not in choices:
+        raise _bad(f"unknown {option} '{value[:80]}' (known: {', '.join(choices)})")
+    return value
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value or ""):
+        raise _bad(f"unknown --device '{value[:80]}' (known: auto, cpu, cuda, cuda:N)")
+    return value
+
+
+def _path(option: str, value: Path | None) -> Path | None:
+    if value is not None:
+        _text(option, str(value))
+    return value
+
+
+def _model(value: str) -> str:
+    from alfcache.sources import parse_model
+
+    parse_model(_text("--model", value))
+    return value
+
+
+def _dataset(value: str) -> str:
+    from alfcache.datasets import check_dataset_name
+
+    check_dataset_name(_text("--dataset", value))
+    return value
+
+
+def _heads(value: str) -> list[str]:
+    from probes.runner import check_heads
+
+    heads = _names("--head", value)
+    check_heads(heads)
+    return heads
+
+
+def _protocol(value: str, choices=None) -> str:
+    from probes.protocol import PROTOCOLS
+
+    return _choice("--protocol", value, choices or list(PROTOCOLS))
+
+
+def _split_names(value: str) -> list[str]:
+    splits = _names("--split", value)
+    for s in splits:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", s):
+            raise _bad(f"--split '{s[:80]}' is not a split name (letters, digits, '-', '_', '.')")
+    return splits
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) if rows else len(c) for c in cols}
-    line = "  ".join(c.ljust(widths[c]) for c in cols)
-    out = [line, "  ".join("-" * widths[c] for c in cols)]
+    out = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
     out += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------------------------ logging
+def _log_file() -> Path | None:
+    path = os.environ.get("ALF_LOG")
+    if path:
+        return Path(path)
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "alfcache" / "alf.log"
+
+
+def setup_logging(verbose: bool) -> None:
+    """Our own warnings on stderr; everything from other libraries (retry chatter, deprecation warnings) into a
+    log file - or, with -v, on stderr too."""
+    for var in ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY", "HF_HUB_VERBOSITY"):
+        os.environ.setdefault(var, "info" if verbose else "error")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    if verbose:
+        console.setLevel(logging.INFO)
+    else:
+        console.setLevel(logging.WARNING)
+        console.addFilter(lambda r: r.name.split(".")[0] in ("alfcache", "probes", "study", "cli"))
+    root.addHandler(console)
+    path = _log_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        root.addHandler(handler)
+    except OSError:
+        pass  # no writable log location: third-party chatter is simply dropped
+    logging.captureWarnings(True)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show other libraries' logs too")):
+    setup_logging(verbose)
+
+
+# ------------------------------------------------------------------------------------------ listing
 @app.command()
 def models():
-    """List the model short names: source id, blocks, width, tokens per image, params."""
+    """List the model short names: hub weights, family, blocks, width, tokens per image, params, projection."""
     from alfcache.registry import MODELS, describe
 
     rows = [describe(name) for name in MODELS]
     typer.echo(_table(rows, ["name", "source_id", "family", "blocks", "width", "tokens", "params_m", "projection"]))
-    typer.echo("\nAlso: timm:<any timm id>, local-dir:<folder written by timm.models.save_for_hf>, or that folder's path.")
+    typer.echo("\nAlso: timm:<timm id>, hf:<transformers id or folder>, local-dir:<timm save_for_hf folder> or "
+               "that folder's path. Weights live in the Hugging Face hub repo timm/<source_id>.")
 
 
 @app.command()
 def datasets():
-    """List the dataset short names."""
+    """List the dataset short names (train sizes from the authors' dataset_info.json)."""
     from alfcache.datasets import DATASETS
 
     rows = [{"name": e.name, "description": e.description} for e in DATASETS.values()]
@@ -52,16 +177,76 @@ def datasets():
 
 
 @app.command()
+def ls(store_root: Optional[Path] = typer.Argument(None, help="store root (default $ALF_FEATURES or ./features)")):
+    """List stores: dataset, model, split, N, layers, width, size on disk, complete (or DAMAGED)."""
+    from alfcache.format import default_root, find_stores, read_metadata
+
+    root = _path("store root", store_root) or default_root()
+    rows = []
+    for p in find_stores(root):
+        try:
+            m = read_metadata(p)
+        except StoreError as e:
+            rows.append({"path": str(p), "complete": "DAMAGED", "dataset": str(e)[:100]})
+            continue
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+        rows.append({"dataset": m["dataset"]["name"], "model": m["model"]["name"], "split": m["split"],
+                     "N": m["num_samples"], "layers": m["num_layers"], "width": m["width"], "dtype": m["dtype"],
+                     "protocol": m.get("extraction", {}).get("protocol", "-"), "size_mb": f"{size / 2**20:.1f}",
+                     "complete": "yes" if m.get("complete") else "NO", "path": str(p)})
+    if not rows:
+        typer.echo(f"no stores under {root}")
+        return
+    typer.echo(_table(rows, ["dataset", "model", "split", "N", "layers", "width", "dtype", "protocol", "size_mb",
+                             "complete", "path"]))
+
+
+# ------------------------------------------------------------------------------------------ fetching
+@app.command()
+def fetch(
+    model: Optional[str] = typer.Option(None, help="comma-separated models (short names, timm:<id>, hf:<id>)"),
+    dataset: Optional[str] = typer.Option(None, help="comma-separated datasets (short names, hf:<id>)"),
+    split: str = typer.Option("train,test", help="dataset splits to fetch"),
+    check: bool = typer.Option(False, "--check", help="only list what is cached and what is missing (and its size)"),
+):
+    """Download weights and datasets into the Hugging Face cache (HF_HOME / HF_HUB_CACHE), e.g. on a login node;
+    without names: the whole paper study. Then run anywhere with HF_HUB_OFFLINE=1."""
+    models_ = [_model(m) for m in _names("--model", model)] if model is not None else None
+    datasets_ = _names("--dataset", dataset) if dataset is not None else None
+    splits = tuple(_split_names(split))
+    from alfcache.fetch import check as check_items, fetch as fetch_items, items_for
+    from alfcache.plan import human_bytes
+
+    items = items_for(models_, datasets_, splits)
+    if check:
+        rows = [{"kind": it.kind, "name": it.name, "repo": it.repo, "cached": human_bytes(it.cached_bytes),
+                 "missing": ("unknown (hub unreachable)" if it.missing_bytes is None and not it.complete else
+                             human_bytes(it.missing_bytes or 0)), "status": "ok" if it.complete else "MISSING"}
+                for it in check_items(items)]
+        typer.echo(_table(rows, ["kind", "name", "repo", "cached", "missing", "status"]))
+        need = [it for it in items if not it.complete]
+        known = sum(it.missing_bytes or 0 for it in need)
+        typer.echo(f"\n{len(items) - len(need)} of {len(items)} complete; missing: {len(need)}"
+                   + (f", {human_bytes(known)} to download" if need and all(i.missing_bytes is not None for i in need) else ""))
+        if need:
+            raise typer.Exit(1)
+        return
+    for path in fetch_items(items):
+        typer.echo(f"cached: {path}")
+
+
+# ------------------------------------------------------------------------------------------ extraction
+@app.command()
 def extract(
     model: str = typer.Option(..., help="short name (alf models), timm:<id>, hf:<transformers id or folder>, "
                                         "local-dir:<path> or a model folder"),
-    dataset: str = typer.Option(..., help="short name (alf datasets) or imagefolder:<path>"),
+    dataset: str = typer.Option(..., help="short name (alf datasets), imagefolder:<path> or hf:<id or folder>"),
     protocol: str = typer.Option("paper", help="registry models: paper (the authors' extraction, fact by fact) | "
                                  "clean (CLIP with QuickGELU, bicubic resizing for DINOv2/MAE)"),
     split: str = typer.Option("train,test", help="comma-separated splits"),
     batch_size: int = typer.Option(128, help="images per forward pass"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-    workers: int = typer.Option(2, help="DataLoader worker processes"),
+    workers: int = typer.Option(2, help="DataLoader worker processes (0: load in the main process)"),
     format: str = typer.Option("zarr", "--format", help="zarr | h5"),
     dtype: str = typer.Option("float16", help="float16 | float32 (stored precision)"),
     taps: str = typer.Option("alf", help="alf | blocks | modules | comma-separated module names"),
@@ -69,8 +254,8 @@ def extract(
     overwrite: bool = typer.Option(False, help="redo complete stores"),
     amp: Optional[str] = typer.Option(None, help="off (default with --protocol paper: float32, as the authors) | "
                                       "auto (default with clean: bf16, else fp16, on CUDA; off on CPU) | bf16 | fp16; "
-                            "checked against float32 on 16 images before writing"),
-    chunk_rows: Optional[int] = typer.Option(None, help="rows per store chunk (default: ~4 MB chunks)"),
+                                      "checked against float32 on 16 images before writing"),
+    chunk_rows: Optional[int] = typer.Option(None, help="rows per store chunk (default: ~8 MB chunks)"),
     skip_corrupt: bool = typer.Option(False, help="skip unreadable images, recording them in metadata"),
     break_lock: bool = typer.Option(False, help="take over a lock held by a process that is gone"),
     patches: bool = typer.Option(False, help="also store every patch token of the last layer (large; for the "
@@ -80,12 +265,21 @@ def extract(
                                                  "store (automatic when WORLD_SIZE > 1)"),
 ):
     """Run a backbone over a dataset and write per-layer CLS/AP tokens, one store per split."""
+    _model(model), _dataset(dataset), _device(device), _path("--out", out)
+    _choice("--protocol", protocol, ("paper", "clean")), _choice("--format", format, ("zarr", "h5"))
+    _choice("--dtype", dtype, ("float16", "float32")), _text("--taps", taps)
+    if amp is not None:
+        _choice("--amp", amp, ("auto", "off", "bf16", "fp16"))
+    splits = _split_names(split)
+    _at_least("--batch-size", batch_size, 1, 1 << 16), _at_least("--workers", workers, 0, 256)
+    if chunk_rows is not None:
+        _at_least("--chunk-rows", chunk_rows, 1, 1 << 20)
     from alfcache.extract import ExtractConfig, extract as run
 
-    cfg = ExtractConfig(model=model, dataset=dataset, protocol=protocol, splits=[s for s in split.split(",") if s], out=out,
-                        fmt=format, dtype=dtype, taps=taps, batch_size=batch_size, workers=workers, device=device,
-                        amp=amp, overwrite=overwrite, chunk_rows=chunk_rows, skip_corrupt=skip_corrupt,
-                        break_lock=break_lock, patches=patches, registers=registers, distributed=distributed)
+    cfg = ExtractConfig(model=model, dataset=dataset, protocol=protocol, splits=splits, out=out, fmt=format,
+                        dtype=dtype, taps=taps, batch_size=batch_size, workers=workers, device=device, amp=amp,
+                        overwrite=overwrite, chunk_rows=chunk_rows, skip_corrupt=skip_corrupt, break_lock=break_lock,
+                        patches=patches, registers=registers, distributed=distributed)
     for r in run(cfg):
         rate = f", {r.images_per_s:.0f} img/s, loader wait {r.loader_wait_s:.1f}s" if r.status != "skipped" else ""
         if r.status == "resumed":
@@ -101,6 +295,13 @@ def build_random_model(
     seed: int = 0,
 ):
     """Write a small timm ViT with RANDOM weights to a folder (offline pipeline exercise)."""
+    _path("path", path), _text("--arch", arch)
+    for option, value in (("--img-size", img_size), ("--patch-size", patch_size), ("--embed-dim", embed_dim),
+                          ("--depth", depth), ("--num-heads", num_heads)):
+        _at_least(option, value, 1, 4096)
+    _at_least("--seed", seed, 0)
+    if embed_dim % num_heads or img_size % patch_size:
+        raise _bad("--embed-dim must be a multiple of --num-heads and --img-size of --patch-size")
     from alfcache.backbones import build_random_model as build
 
     p = build(path, arch, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
@@ -108,30 +309,7 @@ def build_random_model(
     typer.echo(f"wrote {p} (RANDOM weights: features only exercise the pipeline, they carry no pretraining)")
 
 
-@app.command()
-def ls(store_root: Optional[Path] = typer.Argument(None, help="store root (default $ALF_FEATURES or ./features)")):
-    """List stores: dataset, model, split, N, layers, width, size on disk, complete."""
-    from alfcache.format import StoreError, default_root, find_stores, read_metadata
-
-    root = store_root or default_root()
-    rows = []
-    for p in find_stores(root):
-        try:
-            m = read_metadata(p)
-        except StoreError as e:
-            rows.append({"path": str(p), "complete": f"DAMAGED: {e}"})
-            continue
-        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-        rows.append({"dataset": m["dataset"]["name"], "model": m["model"]["name"], "split": m["split"],
-                     "N": m["num_samples"], "layers": m["num_layers"], "width": m["width"], "dtype": m["dtype"],
-                     "size_mb": f"{size / 2**20:.1f}", "complete": "yes" if m.get("complete") else "NO",
-                     "path": str(p)})
-    if not rows:
-        typer.echo(f"no stores under {root}")
-        return
-    typer.echo(_table(rows, ["dataset", "model", "split", "N", "layers", "width", "dtype", "size_mb", "complete", "path"]))
-
-
+# ------------------------------------------------------------------------------------------ probing
 @app.command()
 def probe(
     head: str = typer.Option("alf", help="head name, comma-separated names, or 'all' (every head the store supports)"),
@@ -142,7 +320,7 @@ def probe(
                                  help="paper (the authors' runs) | clean (paper, clean validation) | quick (CPU)"),
     out: Path = typer.Option(Path("results"), help="results folder"),
     seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     allow_incomplete: bool = typer.Option(False, help="probe stores whose extraction did not finish"),
     tap: Optional[str] = typer.Option(None, help="probe a module tap of a `--taps modules` store, e.g. ffn_activation"),
     verify: bool = typer.Option(True, help="check every chunk's checksum before training"),
@@ -150,44 +328,32 @@ def probe(
                                      "configurations (implied when WORLD_SIZE > 1)"),
 ):
     """Train heads on stored tokens; write one JSON per (dataset, model, head) and a summary table."""
+    heads = _heads(head)
+    _protocol(protocol), _at_least("--seed", seed, 0, 2**31 - 1), _device(device), _path("--out", out)
+    _path("--store-root", store_root)
+    for option, value in (("--dataset", dataset), ("--model", model), ("--tap", tap)):
+        if value is not None:
+            _text(option, value)
+    import study
     from alfcache.format import default_root
-    from probes import ranks as rank_group
-    from probes.results import write_summary
-    from probes.runner import discover, run_heads
 
-    if distributed and "WORLD_SIZE" not in os.environ:
-        raise ProbeError("--distributed needs a torch.distributed launcher (torchrun sets WORLD_SIZE)")
-    ranks, device = rank_group.init(device)
-
-    pairs = discover(store_root or default_root(), dataset, model)
-    if len(pairs) > 1 and (dataset is None or model is None):
-        names = ", ".join(f"{p.dataset} x {p.model}" for p in pairs)
-        typer.echo(f"probing {len(pairs)} dataset x model pairs: {names}")
-    heads = [h.strip() for h in head.split(",") if h.strip()]
-
-    def show(rec):
-        typer.echo(f"{rec['dataset']} | {rec['model']} | {rec['head']}: test balanced acc {rec['test_balanced_accuracy']:.2f}% "
-                   f"(val {rec['val_balanced_accuracy']:.2f}%, lr={rec['chosen']['lr']:g} wd={rec['chosen']['wd']:g} "
-                   f"dropout={rec['chosen']['dropout']:g}, {rec['params']:,} params)")
-
-    for pair in pairs:
-        run_heads(pair, heads, protocol, out, seed=seed, device=device, allow_incomplete=allow_incomplete,
-                  on_result=show if ranks.rank == 0 else None, tap=tap, verify=verify)
-    if ranks.rank > 0:
-        return
-    _, md, rows = write_summary(out)
-    typer.echo("")
-    typer.echo(md.read_text())
-    typer.echo(f"results in {out}/ (summary.md, summary.csv, one JSON per head)")
+    md = study.probe_stores(store_root or default_root(), heads, out, dataset=dataset, model=model, protocol=protocol,
+                            seed=seed, device=device, allow_incomplete=allow_incomplete, tap=tap, verify=verify,
+                            distributed=distributed, echo=typer.echo)
+    if md is not None:
+        typer.echo("\n" + md.read_text())
+        typer.echo(f"results in {out}/ (summary.md, summary.csv, one JSON per head)")
 
 
 @app.command()
 def verify(stores: list[Path] = typer.Argument(..., help="store paths (.zarr folders or .h5 files)")):
     """Re-read every chunk of each store and check it against the checksums recorded at extraction."""
-    from probes.features import verify_store
+    for p in stores:
+        _path("store", p)
+    from alfcache.format import verify_store
 
     for p in stores:
-        typer.echo(f"{p}: ok ({verify_store(p)} chunks)")
+        typer.echo(f"{p}: ok ({verify_store(p, progress=True)} chunks)")
 
 
 @app.command()
@@ -203,155 +369,86 @@ def report(
     seed: int = 0, device: str = "auto",
 ):
     """Per-layer accuracy + CKA plots, ALF heatmaps and tables against the paper, linked from index.md."""
-    _report(store_root, results, out, dataset, model, protocol, cka, layers, seed, device, modules)
-
-
-def _report(store_root, results, out, dataset, model, protocol, cka, layers, seed, device, modules=True) -> Path:
+    _protocol(protocol), _choice("--cka", cka, ("linear", "rbf")), _at_least("--seed", seed, 0), _device(device)
+    for option, value in (("--store-root", store_root), ("--results", results), ("--out", out)):
+        _path(option, value)
+    import study
     from alfcache.format import default_root
-    from probes.features import FeatureSet, check_compatible
-    from probes.layerwise import layer_sweep
-    from probes.report import alf_heatmap, comparison_tables, layer_report, write_index
-    from probes.results import collect
-    from probes.runner import discover
 
-    sections: dict[str, list] = {"Per-layer linear probes and CKA": [], "ALF layer-attention heatmaps": [],
-                                 "Tables": []}
-    if layers:
-        for pair in discover(store_root or default_root(), dataset, model, skip_unusable=True):
-            train, test = FeatureSet.open(pair.train), FeatureSet.open(pair.test)
-            check_compatible(train, test)
-            rows = layer_sweep(train, test, protocol=protocol, seed=seed, device=device, kernel=cka)
-            d = out / "layers" / pair.dataset.replace("/", "-") / pair.model.replace("/", "-").replace(":", "-")
-            files = layer_report(rows, d, f"{pair.dataset} x {pair.model}")
-            sections["Per-layer linear probes and CKA"].append((f"{pair.dataset} x {pair.model}", files["md"]))
-            sections["Per-layer linear probes and CKA"].append((f"{pair.dataset} x {pair.model} (plot)", files["png"]))
-            if modules and train.module_taps:
-                from probes.layerwise import module_sweep
-                from probes.report import module_report
-
-                mfiles = module_report(module_sweep(train, test, protocol=protocol, seed=seed, device=device), d,
-                                       f"{pair.dataset} x {pair.model}")
-                sections.setdefault("Module-level probes", []).extend(
-                    [(f"{pair.dataset} x {pair.model}", mfiles["md"]), (f"{pair.dataset} x {pair.model} (plot)", mfiles["png"])])
-    if results.is_dir():
-        for m in sorted({r["model"] for r in collect(results)}):
-            files = alf_heatmap(results, m, out / "heatmaps")
-            if files:
-                sections["ALF layer-attention heatmaps"] += [(f"{m} (plot)", files["png"]), (f"{m} (CSV)", files["csv"])]
-        for label, path in comparison_tables(results, out / "tables").items():
-            sections["Tables"].append((label, path))
-    index = write_index(out, sections)
+    study.check_output(out)
+    index = study.build_report(store_root or default_root(), results, out, dataset=dataset, model=model,
+                               protocol=protocol, cka=cka, layers=layers, modules=modules, seed=seed, device=device)
     typer.echo(f"report: {index}")
     means = out / "tables" / "means_vs_paper.md"
     if means.exists():
         typer.echo(means.read_text())
-    return index
 
 
 @app.command()
 def reproduce(
     models: str = typer.Option(",".join(["vit-s", "vit-b", "vit-l", "dinov2-s", "dinov2-b", "dinov2-l", "clip-b32",
                                           "clip-b16", "clip-l"]), help="comma-separated models"),
-    datasets: Optional[str] = typer.Option(None, help="comma-separated datasets (default: the paper's)"),
+    datasets: Optional[str] = typer.Option(None, help="comma-separated datasets (default: the paper's 19)"),
     heads: str = typer.Option("all", help="comma-separated heads or all"),
-    protocol: str = typer.Option("paper", "--protocol", "--grid", help="probe protocol (and the registry's "
-                                 "extraction protocol: paper or clean)"),
+    protocol: str = typer.Option("paper", "--protocol", "--grid", help="probe protocol (paper or clean also pick "
+                                 "the registry's extraction protocol; quick extracts as paper)"),
     root: Path = typer.Option(Path("."), help="folder for features/, results/ and reports/"),
     device: str = typer.Option("auto"), workers: int = typer.Option(2), batch_size: int = typer.Option(128),
     dtype: str = typer.Option("float32", help="stored precision: float32 (as the authors) or float16 (half the disk)"),
     seed: int = 0,
 ):
     """The whole study: extract (complete stores skipped), probe every head, report. Rerun to resume."""
+    model_list = [_model(m) for m in _names("--models", models)]
+    from alfcache.datasets import PAPER_DATASETS
 
-    import torch
+    dataset_list = [_dataset(d) for d in _names("--datasets", datasets)] if datasets is not None else PAPER_DATASETS
+    head_list = _heads(heads)
+    _protocol(protocol), _device(device), _path("--root", root), _choice("--dtype", dtype, ("float16", "float32"))
+    _at_least("--workers", workers, 0, 256), _at_least("--batch-size", batch_size, 1, 1 << 16)
+    _at_least("--seed", seed, 0, 2**31 - 1)
+    import study
 
-    from alfcache.datasets import PAPER_DATASETS, check_dataset, dataset_size
-    from alfcache.extract import ExtractConfig, extract as run_extract
-    from alfcache.format import read_metadata
-    from alfcache.plan import (check_model, estimate, free_bytes, hub_reachable, human_bytes, human_seconds,
-                               model_facts)
-    from probes.features import FeatureSet
-    from probes.results import result_dir, write_summary
-    from probes.runner import discover, run_heads
-    from probes.heads import supported_heads
-
-    model_list = [m for m in models.split(",") if m]
-    dataset_list = [d for d in (datasets.split(",") if datasets else PAPER_DATASETS) if d]
-    online = hub_reachable()
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    checks = [check_model(m, online) for m in model_list] + [check_dataset(d, online) for d in dataset_list]
-    typer.echo(f"plan: {len(model_list)} models x {len(dataset_list)} datasets on {dev}; hub "
-               f"{'reachable' if online else 'NOT reachable'}")
-    for c in checks:
-        typer.echo(f"  {'ok  ' if c.reachable else 'SKIP'} {c.kind} {c.name}: {c.reason}")
-    ok_models = [c.name for c in checks if c.kind == "model" and c.reachable]
-    ok_data = [c.name for c in checks if c.kind == "dataset" and c.reachable]
-    total_s = total_b = 0.0
-    for m in ok_models:
-        facts = model_facts(m)
-        if facts is None:
-            typer.echo(f"  (no time/disk estimate for {m})")
-            continue
-        for d in ok_data:
-            n = sum(dataset_size(d).values())
-            e = estimate(facts, n, facts["depth"], dev.split(":")[0])
-            total_s += e["seconds"]
-            total_b += e["bytes"]
-    features = root / "features"
-    typer.echo(f"estimated extraction: {human_seconds(total_s)}, stores {human_bytes(total_b)} "
-               f"(free: {human_bytes(free_bytes(root))})")
-    if not ok_models or not ok_data:
-        raise AlfError("nothing to run: no reachable model or dataset (see the plan above)")
-    results = root / "results"
-    head_list = [h for h in heads.split(",") if h]
-    failed = []
-    for d in ok_data:
-        for m in ok_models:
-            try:  # one broken pair must not stop a study that runs for days: note it and go on
-                res = run_extract(ExtractConfig(model=m, dataset=d, out=features, device=device, workers=workers,
-                                                batch_size=batch_size, dtype=dtype,
-                                                protocol="clean" if protocol == "clean" else "paper"))
-                for r in res:
-                    typer.echo(f"{d} x {m} {r.split}: {r.status}")
-                meta = read_metadata(res[0].path)
-                for pair in discover(features, dataset=meta["dataset"]["name"], model=meta["model"]["name"]):
-                    wanted = supported_heads(FeatureSet.open(pair.train)) if head_list == ["all"] else head_list
-                    todo = [h for h in wanted
-                            if not _result_done(result_dir(results, pair.dataset, pair.model), h, protocol, seed)]
-                    typer.echo(f"{pair.dataset} x {pair.model}: {len(wanted) - len(todo)} heads done, "
-                               f"running {todo or 'none'}")
-                    if todo:
-                        run_heads(pair, todo, protocol, results, seed=seed, device=device)
-            except (AlfError, ProbeError, StoreError) as e:
-                typer.secho(f"FAILED {d} x {m}: {e}", err=True, fg=typer.colors.RED)
-                failed.append(f"{d} x {m}")
-    write_summary(results)
-    _report(features, results, root / "reports", None, None, "quick", "linear", True, seed, device)
-    if failed:
-        raise AlfError(f"{len(failed)} dataset x model pair(s) failed: {', '.join(failed)}; "
-                       f"fix the cause and rerun to do only what is missing")
+    study.reproduce(model_list, dataset_list, head_list, root=root, protocol=protocol, device=device,
+                    workers=workers, batch_size=batch_size, dtype=dtype, seed=seed, echo=typer.echo,
+                    echo_err=lambda text: typer.secho(text, err=True, fg=typer.colors.RED))
 
 
-def _result_done(folder: Path, head: str, protocol: str, seed: int) -> bool:
-    import json
-
-    f = folder / f"{head.replace(':', '-')}.json"
-    if not f.exists():
-        return False
-    rec = json.loads(f.read_text())
-    return rec.get("protocol_name") == protocol and rec.get("seed") == seed and "test_balanced_accuracy" in rec
+# ------------------------------------------------------------------------------------------ entry point
+def _click_exceptions():
+    try:
+        from typer._click import exceptions  # typer >= 0.29 vendors click
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        from click import exceptions
+    return exceptions
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    exc = _click_exceptions()
     try:
-        app()
-    except (AlfError, ProbeError, StoreError) as e:
+        app(standalone_mode=False)
+    except ERRORS as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except exc.NoArgsIsHelpError as e:  # `alf` alone: the help
+        typer.echo(e.format_message())
+        sys.exit(0)
+    except exc.UsageError as e:  # unknown command or option, missing or malformed value: one line too
+        ctx = e.ctx
+        cmd = f"alf {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "alf --help"
+        typer.secho(f"error: {e.format_message()} (see `{cmd}`)", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except exc.ClickException as e:
+        typer.secho(f"error: {e.format_message()}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
         typer.secho("interrupted; rerun the same command to resume", err=True)
         sys.exit(130)
+    except OSError as e:  # a disk that fills or a folder that vanishes outside the paths we check
+        where = f" '{e.filename}'" if e.filename else ""
+        typer.secho(f"error: {e.strerror or type(e).__name__}{where}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

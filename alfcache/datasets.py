@@ -1,8 +1,10 @@
-"""Image sources for extraction: `digits` (scikit-learn's bundled real data) and `imagefolder:<path>`.
+"""Image sources for extraction: `digits` (scikit-learn's bundled real data), `imagefolder:<path>`, the paper's
+datasets by short name (CLIP-benchmark web datasets on the Hugging Face hub) and `hf:<dataset>`.
 
-A source is one split of one dataset: it knows its length, class names, how to load
-image i as an RGB PIL image, its label and a stable sample id. New datasets (the paper's
-20, HF datasets) plug in by registering a factory in `DATASETS` or a prefix in `PREFIXES`.
+A source is one split of one dataset: it knows its length, class names, how to load image i as an RGB PIL image
+(`images.py`), its label, a stable sample id, and the dataset's identity: `source` (where it really comes from,
+resolved: an absolute folder, a hub repo and revision) and `index_fingerprint` (the whole dataset's index, the
+same for every split), which is what train and test stores are paired by - never the name as typed.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from PIL import Image
 
 from .errors import AlfError, unknown_name
 from .format import safe_component
+from .images import to_rgb
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -28,6 +31,8 @@ class ImageSource:
     split: str
     class_names: list[str]
     labels: np.ndarray  # (N,) int64
+    source: str  # resolved origin of the dataset (recorded; pairing compares it)
+    exif: bool = True  # apply EXIF orientation (the paper protocol turns it off for the authors' datasets)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -39,11 +44,11 @@ class ImageSource:
         raise NotImplementedError
 
     def load(self, i: int) -> Image.Image:
-        """Image i as RGB (grayscale, palette, CMYK and RGBA are converted)."""
+        """Image i as 8-bit RGB (`images.to_rgb`: EXIF orientation, high bit depths scaled, other modes converted)."""
         try:
             img = self._load(i)
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img, self.exif)
         except AlfError:
             raise
         except Exception as e:
@@ -55,6 +60,20 @@ class ImageSource:
         for i in range(len(self)):
             h.update(f"{self.sample_id(i)}\t{int(self.labels[i])}\n".encode())
         return "sha256:" + h.hexdigest()
+
+    def index_fingerprint(self) -> str:
+        """Identity of the whole dataset (all splits): equal for the train and test split of one dataset."""
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        return {"source": self.source, "index_fingerprint": self.index_fingerprint(), "fingerprint": self.fingerprint()}
+
+
+def _sha(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(str(p).encode() + b"\0")
+    return "sha256:" + h.hexdigest()
 
 
 class DigitsSource(ImageSource):
@@ -73,14 +92,18 @@ class DigitsSource(ImageSource):
         rows = {"train": np.sort(tr), "test": np.sort(te)}.get(split)
         if rows is None:
             raise unknown_name("split", split, ["train", "test"], hint="dataset 'digits'")
-        self.dataset, self.split = "digits", split
+        self.dataset, self.split, self.source = "digits", split, "sklearn:load_digits"
         self.class_names = [str(c) for c in d.target_names]
+        self._all_targets = d.target
         self._rows = rows
         self._images = (d.images[rows] * (255.0 / 16.0)).round().astype(np.uint8)
         self.labels = d.target[rows].astype(np.int64)
 
     def sample_id(self, i: int) -> str:
         return f"digits/{int(self._rows[i])}"
+
+    def index_fingerprint(self) -> str:
+        return _sha("stratified 75/25, random_state 0", np.asarray(self._all_targets).tobytes().hex())
 
     def _load(self, i: int) -> Image.Image:
         return Image.fromarray(self._images[i], mode="L")
@@ -97,7 +120,9 @@ class ImageFolderSource(ImageSource):
         root = Path(root)
         if not root.is_dir():
             raise AlfError(f"image folder '{root}' does not exist")
-        self.dataset, self.split = f"imagefolder:{root.resolve()}", split
+        root = root.resolve()
+        self.dataset, self.split, self.source = f"imagefolder:{root}", split, f"imagefolder:{root}"
+        self._root = root
         if (root / "train").is_dir():
             classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
             split_dir = root / split
@@ -151,6 +176,12 @@ class ImageFolderSource(ImageSource):
     def _load(self, i: int) -> Image.Image:
         return Image.open(self._files[i])
 
+    def index_fingerprint(self) -> str:
+        """Every image file under the root (relative path, size) and the split rule."""
+        rule = "split folders" if (self._root / "train").is_dir() else "stratified 80/20, random_state 0"
+        files = [(str(p.relative_to(self._root)), p.stat().st_size) for p in _list_images(self._root)]
+        return _sha(rule, *files)
+
 
 class HFSource(ImageSource):
     """One split of a Hugging Face `datasets.Dataset` (Arrow, memory-mapped: never held in RAM).
@@ -160,7 +191,8 @@ class HFSource(ImageSource):
     """
 
     def __init__(self, ds, dataset: str, split: str, class_names: list[str] | None = None,
-                 image_col: str | None = None, label_col: str | None = None):
+                 image_col: str | None = None, label_col: str | None = None, source: str = "",
+                 index_parts: tuple = ()):
         import datasets as hfd
 
         feats = ds.features
@@ -183,12 +215,17 @@ class HFSource(ImageSource):
         if labels.min() < 0 or labels.max() >= len(class_names):
             raise AlfError(f"dataset '{dataset}' split '{split}' has labels outside its {len(class_names)} classes")
         self.dataset, self.split, self.class_names, self.labels = dataset, split, list(class_names), labels
+        self.source = source or dataset
+        self._index = _sha(self.source, *index_parts, *self.class_names)
         self._ids = list(ds["__key__"]) if "__key__" in cols else None
         self._ds = ds.select_columns([image_col])
         self._image_col = image_col
 
     def sample_id(self, i: int) -> str:
         return self._ids[i] if self._ids is not None else f"{self.split}/{i}"
+
+    def index_fingerprint(self) -> str:
+        return self._index
 
     def _load(self, i: int) -> Image.Image:
         img = self._ds[int(i)][self._image_col]
@@ -268,8 +305,26 @@ def wds_folder(entry: HubDataset, split: str) -> Path:
     return folder
 
 
-def open_webdataset(folder: Path, dataset: str, split: str) -> HFSource:
+def _offline_if_unreachable() -> None:
+    """HF `datasets` reads its offline switch at import: set it first when the hub cannot be reached, so nothing
+    waits on network retries."""
+    from .weights import hub_reachable
+
+    if not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def _wds_source(folder: Path, repo: str) -> str:
+    """`hub:<repo>@<revision>` for a Hugging Face cache snapshot, `mirror:<folder>` for a local mirror."""
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots":
+        return f"hub:{repo}@{folder.name}"
+    return f"mirror:{folder}"
+
+
+def open_webdataset(folder: Path, dataset: str, split: str, source: str = "") -> HFSource:
     """Web-dataset tar shards (`<folder>/<split>/*.tar`, `<key>.{jpg,png,webp}` + `<key>.cls`) via HF datasets."""
+    _offline_if_unreachable()
     import datasets as hfd
 
     shards = sorted((folder / split).glob("*.tar"))
@@ -282,21 +337,24 @@ def open_webdataset(folder: Path, dataset: str, split: str) -> HFSource:
         ds = hfd.load_dataset("webdataset", data_files={split: [str(s) for s in shards]}, split=split)
     except Exception as e:
         raise AlfError(f"cannot read the web-dataset shards of '{dataset}' split '{split}': {_reason(e)}") from None
-    return HFSource(ds, dataset, split, class_names)
+    return HFSource(ds, dataset, split, class_names, source=source or f"mirror:{folder.resolve()}")
 
 
 def open_hub_dataset(name: str, split: str) -> HFSource:
     entry = HUB_DATASETS[name]
-    return open_webdataset(wds_folder(entry, split), name, split)
+    folder = wds_folder(entry, split)
+    return open_webdataset(folder, name, split, source=_wds_source(folder, entry.repo))
 
 
 def open_hf(arg: str, split: str) -> HFSource:
     """`hf:<dataset id>` or `hf:<folder written by Dataset(Dict).save_to_disk>`."""
+    _offline_if_unreachable()
     import datasets as hfd
 
     name = f"hf:{arg}"
+    local = Path(arg).is_dir()
     try:
-        if Path(arg).is_dir():
+        if local:
             obj = hfd.load_from_disk(arg)
             if isinstance(obj, hfd.DatasetDict):
                 if split not in obj:
@@ -308,8 +366,12 @@ def open_hf(arg: str, split: str) -> HFSource:
     except AlfError:
         raise
     except Exception as e:
-        raise AlfError(f"could not load dataset '{name}' split '{split}': {_reason(e)}") from None
-    return HFSource(ds, name, split)
+        from .weights import hub_reachable, ways_out
+
+        hint = "" if local or hub_reachable() else f" (not in the Hugging Face cache; {ways_out('dataset', name)})"
+        raise AlfError(f"could not load dataset '{name}' split '{split}': {_reason(e)}{hint}") from None
+    source = f"hf:{Path(arg).resolve()}" if local else name
+    return HFSource(ds, name, split, source=source, index_parts=(repr(ds.features),))
 
 
 @dataclass(frozen=True)
@@ -371,6 +433,17 @@ def dataset_slug(name: str) -> str:
             digest = hashlib.sha1(str(arg).encode()).hexdigest()[:8]
             return f"{prefix[:-1]}-{safe_component(arg.name)}-{digest}"
     return safe_component(name)
+
+
+def check_dataset_name(name: str) -> None:
+    """A cheap check of a dataset argument (nothing is opened): a short name or a prefix with a value."""
+    for prefix in PREFIXES:
+        if name.startswith(prefix):
+            if not name[len(prefix):].strip():
+                raise AlfError(f"empty dataset after '{prefix}'")
+            return
+    if name not in DATASETS:
+        raise unknown_name("dataset", name, DATASETS, hint="or imagefolder:<path>, hf:<dataset id or folder>")
 
 
 def open_source(name: str, split: str) -> ImageSource:

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import Backbone, load_backbone
-from .datasets import ImageSource, dataset_slug, open_source
+from .datasets import HUB_DATASETS, ImageSource, dataset_slug, open_source
+from .images import RULES as IMAGE_RULES
 from .errors import AlfError
 from .numerics import amp_agreement, attention_backend, resolve_autocast
 from .plan import free_bytes, human_bytes
@@ -114,6 +115,24 @@ class _ChunkBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+def check_writable(out: Path) -> None:
+    """The store root can be created and written (one line naming the cause otherwise); folders made for the
+    check are removed again, so a run that fails later leaves nothing behind."""
+    import os
+
+    made = [p for p in [out, *out.parents] if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".alf-write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        for p in made:  # deepest first
+            p.rmdir()
+    except OSError as e:
+        err = os_error(out, e)
+        raise (err or AlfError(f"cannot write to '{out}': {e.strerror or type(e).__name__} (choose another --out)")) from None
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,7 +191,9 @@ def build_metadata(bb: Backbone, source: ImageSource, plan, cfg: ExtractConfig, 
         "token_layout": layout,
         "arrays": {k: {"shape": [n, *v], "dtype": cfg.dtype} for k, v in sorted(shapes.items())},
         "dtype": cfg.dtype,
-        "dataset": {"name": cfg.dataset, "fingerprint": source.fingerprint()},
+        "dataset": {"name": cfg.dataset, "slug": dataset_slug(cfg.dataset), **source.identity(),
+                    "image_loading": {**IMAGE_RULES, "exif_orientation": "applied" if source.exif else
+                                      "not applied (the authors' webdataset decoder ignores it)"}},
         "split": source.split,
         "class_names": list(source.class_names),
         "num_samples": n,
@@ -248,7 +269,13 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
         raise AlfError(f"unknown dtype '{cfg.dtype}' (known: float16, float32)")
     if cfg.batch_size < 1:
         raise AlfError("--batch-size must be at least 1")
+    if not cfg.splits or any(not s for s in cfg.splits):
+        raise AlfError("no split to extract (--split needs at least one name)")
+    out = Path(cfg.out) if cfg.out else default_root()
+    check_writable(out)  # before any model is loaded: a folder that cannot be written is named as such
     sources = [open_source(cfg.dataset, s) for s in cfg.splits]  # validate names before loading a model
+    for src in sources:  # the paper protocol decodes the authors' datasets as their webdataset decoder did
+        src.exif = not (cfg.protocol == "paper" and cfg.dataset in HUB_DATASETS)
     device = resolve_device(cfg.device)
     amp = cfg.amp if cfg.amp is not None else ("off" if cfg.protocol == "paper" else "auto")
     autocast = resolve_autocast(amp, device)  # a bad --amp fails before any model is loaded
@@ -270,7 +297,6 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
                                               autocast)
         log.info("autocast %s agrees with float32: worst token cosine %.5f", autocast,
                  numerics["amp_check"]["min_cosine"])
-    out = Path(cfg.out) if cfg.out else default_root()
     model_slug = bb.name
     results = []
     itemsize = 2 if cfg.dtype == "float16" else 4

@@ -37,15 +37,30 @@ PROJECTION = ("projection/weight", "projection/bias")
 
 # metadata that must agree for a rerun to continue (resume) an existing store
 RESUME_KEYS = ("model.source_id", "model.fingerprint", "model.architecture", "preprocessing", "taps", "arrays",
-               "dtype", "dataset.source", "dataset.fingerprint", "split", "num_samples", "chunk_rows",
-               "format_version", "extraction.autocast", "extraction.protocol")
+               "dtype", "dataset.source", "dataset.fingerprint", "dataset.image_loading", "split", "num_samples",
+               "chunk_rows", "format_version", "extraction.autocast", "extraction.protocol")
 # metadata that must agree between the train and test stores of one probe (label meaning, token meaning)
 PAIR_KEYS = (("model.source_id", "model"), ("model.fingerprint", "weights fingerprint"),
              ("model.architecture", "model architecture"), ("taps.modules", "taps"), ("dtype", "dtype"),
              ("class_names", "class names"), ("width", "width"), ("num_layers", "layers"),
              ("preprocessing", "preprocessing"), ("dataset.source", "dataset source"),
-             ("dataset.index_fingerprint", "dataset index"), ("extraction.autocast", "autocast precision"),
-             ("extraction.protocol", "extraction protocol"))
+             ("dataset.index_fingerprint", "dataset index"), ("dataset.image_loading", "image decoding"),
+             ("extraction.autocast", "autocast precision"), ("extraction.protocol", "extraction protocol"))
+
+
+def dataset_key(meta: dict) -> tuple:
+    """What identifies a store's dataset: its resolved source and whole-index fingerprint (version 1 stores,
+    which lack them, fall back to the name they recorded)."""
+    d = meta.get("dataset", {})
+    if d.get("source"):
+        return ("source", d["source"], d.get("index_fingerprint"))
+    return ("name", d.get("name"))
+
+
+def model_key(meta: dict) -> tuple:
+    """What identifies a store's model: its resolved origin and the hash of its weights."""
+    m = meta.get("model", {})
+    return (m.get("source_id"), m.get("fingerprint"))
 
 
 class StoreError(Exception):
@@ -341,6 +356,7 @@ def missing_chunks(path: str | Path, meta: dict) -> list[int]:
 
 
 __all__ = ["FORMAT", "VERSION", "READABLE_VERSIONS", "PAIR_KEYS", "RESUME_KEYS", "StoreArrays", "StoreError",
-           "array_checksum", "check_labels", "chunk_checksum", "chunk_ranges", "default_root", "differing",
+           "array_checksum", "check_labels", "chunk_checksum", "chunk_ranges", "dataset_key", "default_root", "differing",
+           "model_key",
            "find_stores", "get", "missing_chunks", "open_arrays", "read_metadata", "safe_component", "staging_path",
            "store_format", "store_path", "token_arrays", "token_codec", "verify_store", "write_atomic"]

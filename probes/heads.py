@@ -7,15 +7,14 @@ head is one registry line; adding a kind of head is one class here (plus its mod
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torch import nn
-
-from .attention import AttentionHead
 from .errors import ProbeError, unknown_name
-from .layers import LinearHead, PerTokenLinearHead
 from .selection import TokenLayout, TokenSpec
+
+if TYPE_CHECKING:  # the registry imports no torch: listing heads or checking names stays fast
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,10 @@ class LinearProbe(Head):
     kind: ClassVar[str] = "linear"
 
     def build(self, G, layout, num_classes, dropout, token_index=None):
+        import torch
+
+        from .layers import LinearHead
+
         return LinearHead(G, torch.from_numpy(layout.valid), num_classes)
 
 
@@ -72,6 +75,8 @@ class PerTokenProbe(Head):
     kind: ClassVar[str] = "per-token"
 
     def build(self, G, layout, num_classes, dropout, token_index=None):
+        from .layers import PerTokenLinearHead
+
         return PerTokenLinearHead(G, layout.widths, layout.width, num_classes, token_index)
 
     def activation_bytes(self, B, layout):
@@ -96,9 +101,13 @@ class AttentionProbe(Head):
         H = self.num_heads(layout)
         if layout.width // H < 1:
             raise ProbeError(f"head '{self.name}': width {layout.width} is too narrow for {H} attention heads")
+        from .attention import AttentionHead
+
         return AttentionHead(G, layout.num_tokens, layout.width, num_classes, H, dropout)
 
     def draws(self, B, layout, gen):
+        import torch
+
         return torch.rand(B, self.num_heads(layout), layout.num_tokens, generator=gen)
 
     def activation_bytes(self, B, layout):

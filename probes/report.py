@@ -3,13 +3,16 @@ tables of heads x datasets next to the paper's numbers, all linked from one inde
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from .results import HEAD_ORDER, _slug, collect, markdown_table
+from alfcache.format import write_atomic
+
+from .results import HEAD_ORDER, _slug, collect, csv_text, markdown_table
 
 PAPER_CSV = Path(__file__).with_name("paper_results.csv")
 
@@ -24,10 +27,14 @@ def _plt():
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_atomic(path, csv_text(rows))
+
+
+def _save_fig(fig, path: Path) -> None:
+    """A figure written whole (rendered in memory, then temporary file + rename)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip("."), dpi=110)
+    write_atomic(path, buf.getvalue())
 
 
 def layer_report(rows: list[dict], out_dir: Path, title: str) -> dict[str, Path]:
@@ -51,14 +58,14 @@ def layer_report(rows: list[dict], out_dir: Path, title: str) -> dict[str, Path]
     ax.legend(lines, [l.get_label() for l in lines], fontsize=7, loc="lower right")
     fig.tight_layout()
     png = out_dir / "layers.png"
-    fig.savefig(png, dpi=110)
+    _save_fig(fig, png)
     plt.close(fig)
     _write_csv(out_dir / "layers.csv", rows)
     cols = ["token", "lr", "wd", "val_balanced_accuracy", "test_balanced_accuracy", cka_key]
     pretty = [{c: (round(r[c], 3) if isinstance(r[c], float) and c not in ("lr", "wd") else r[c]) for c in cols}
               for r in rows]
     md = out_dir / "layers.md"
-    md.write_text(f"# {title}: per-layer linear probes and CKA\n\n![layers](layers.png)\n\n" + markdown_table(pretty, cols))
+    write_atomic(md, f"# {title}: per-layer linear probes and CKA\n\n![layers](layers.png)\n\n" + markdown_table(pretty, cols))
     return {"png": png, "md": md, "csv": out_dir / "layers.csv"}
 
 
@@ -76,11 +83,11 @@ def module_report(rows: list[dict], out_dir: Path, title: str) -> dict[str, Path
     fig.colorbar(im, ax=ax, fraction=0.04, label="test balanced accuracy (%)")
     fig.tight_layout()
     png = out_dir / "modules.png"
-    fig.savefig(png, dpi=110)
+    _save_fig(fig, png)
     plt.close(fig)
     _write_csv(out_dir / "modules.csv", rows)
     md = out_dir / "modules.md"
-    md.write_text(f"# {title}: linear probe per block and module\n\n![modules](modules.png)\n\n"
+    write_atomic(md, f"# {title}: linear probe per block and module\n\n![modules](modules.png)\n\n"
                   + markdown_table(rows, ["block"] + kinds + ["best_module"]))
     return {"png": png, "md": md, "csv": out_dir / "modules.csv"}
 
@@ -107,11 +114,8 @@ def alf_heatmap(results: Path, model: str, out_dir: Path, head: str = "alf") -> 
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{_slug(model)}_{_slug(head)}_heatmap"
-    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["dataset"] + tokens)
-        for d, row in zip(datasets, mat):
-            w.writerow([d] + [f"{v:.6f}" for v in row])
+    _write_csv(out_dir / f"{stem}.csv", [{"dataset": d, **{t: f"{v:.6f}" for t, v in zip(tokens, row)}}
+                                         for d, row in zip(datasets, mat)])
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(tokens)), 0.45 * len(datasets) + 2.4))
     im = ax.imshow(mat, aspect="auto", cmap="viridis")
@@ -122,7 +126,7 @@ def alf_heatmap(results: Path, model: str, out_dir: Path, head: str = "alf") -> 
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     png = out_dir / f"{stem}.png"
-    fig.savefig(png, dpi=110)
+    _save_fig(fig, png)
     plt.close(fig)
     return {"png": png, "csv": out_dir / f"{stem}.csv"}
 
@@ -164,14 +168,14 @@ def comparison_tables(results: Path, out_dir: Path) -> dict[str, Path]:
                           "paper_mean_19": round(float(np.mean(all19)), 2) if len(all19) == 19 else ""})
         stem = f"table_{_slug(model)}"
         _write_csv(out_dir / f"{stem}.csv", table)
-        (out_dir / f"{stem}.md").write_text(
+        write_atomic(out_dir / f"{stem}.md", 
             f"# {model}: test balanced accuracy (%) per head and dataset\n\nIn brackets: the paper's number "
             f"where the paper reports this model, dataset and head.\n\n" + markdown_table(table, ["head"] + datasets))
         files[f"table:{model}"] = out_dir / f"{stem}.md"
     if means:
         cols = list(means[0])
         _write_csv(out_dir / "means_vs_paper.csv", means)
-        (out_dir / "means_vs_paper.md").write_text(
+        write_atomic(out_dir / "means_vs_paper.md", 
             "# Mean test balanced accuracy per model and head vs the paper\n\n`paper_mean_same_datasets` averages the "
             "paper over exactly the datasets we ran, `difference` = ours - that; `paper_mean_19` is the paper's mean "
             "over its 19 datasets (the headline table). Blank: the paper does not report that model/head.\n\n"
@@ -189,5 +193,5 @@ def write_index(out_dir: Path, sections: dict[str, list[tuple[str, Path]]]) -> P
         for label, path in links:
             lines.append(f"- [{label}]({os.path.relpath(path, out_dir)})")
     index = out_dir / "index.md"
-    index.write_text("\n".join(lines) + "\n")
+    write_atomic(index, "\n".join(lines) + "\n")
     return index

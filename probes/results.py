@@ -3,10 +3,16 @@ and a CSV + markdown table across everything in a results folder."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
+
+from alfcache.format import write_atomic
+
+log = logging.getLogger(__name__)
 
 HEAD_ORDER = ["linear", "linear-clsap", "concat", "concat:middle+last", "concat:quarterly", "attentive",
               "alf:last", "alf:middle+last", "alf:quarterly", "alf", "alf-patches"]
@@ -23,34 +29,54 @@ def result_dir(out: str | Path, dataset: str, model: str) -> Path:
     return Path(out) / _slug(dataset) / _slug(model)
 
 
+def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fieldnames or list(rows[0]), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
 def write_result(out: str | Path, dataset: str, model: str, head: str, record: dict,
                  attention: np.ndarray | None = None, token_names: list[str] | None = None) -> Path:
-    """Write `<out>/<dataset>/<model>/<head>.json` (+ `<head>_attention.npz/.csv` for attention heads)."""
+    """Write `<out>/<dataset>/<model>/<head>.json` (+ `<head>_attention.npz/.csv` for attention heads), every
+    file whole (temporary file + rename): a kill leaves the old file or the new one, never an empty one.
+    The attention files come first, the JSON (which marks the head as done) last."""
     d = result_dir(out, dataset, model)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{_slug(head)}.json"
-    path.write_text(json.dumps(record, indent=2, default=float))
     if attention is not None:
         per_image = attention.mean(axis=1)  # (N, T): averaged over heads
-        np.savez_compressed(d / f"{_slug(head)}_attention.npz", per_image=per_image.astype(np.float32),
-                            token_names=np.asarray(token_names or []))
+        buf = io.BytesIO()
+        np.savez_compressed(buf, per_image=per_image.astype(np.float32), token_names=np.asarray(token_names or []))
+        write_atomic(d / f"{_slug(head)}_attention.npz", buf.getvalue())
         mean = per_image.mean(axis=0)
-        with open(d / f"{_slug(head)}_attention.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["token", "mean_attention"])
-            for name, v in zip(token_names or range(len(mean)), mean):
-                w.writerow([name, f"{v:.6f}"])
+        rows = [{"token": name, "mean_attention": f"{v:.6f}"} for name, v in zip(token_names or range(len(mean)), mean)]
+        write_atomic(d / f"{_slug(head)}_attention.csv", csv_text(rows, ["token", "mean_attention"]))
+    write_atomic(path, json.dumps(record, indent=2, default=float))
     return path
+
+
+def read_result(path: Path) -> dict | None:
+    """A result record, or None (with a warning naming the file) when it is damaged; `_probe.json` files and
+    other JSON without a test score are not results (None, silently)."""
+    try:
+        r = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        log.warning("result file %s is damaged (not readable JSON); skipped - rerun the probe to redo it", path)
+        return None
+    if not isinstance(r, dict) or "test_balanced_accuracy" not in r:
+        return None
+    return r
 
 
 def collect(out: str | Path) -> list[dict]:
     rows = []
     for p in sorted(Path(out).glob("*/*/*.json")):
-        try:
-            r = json.loads(p.read_text())
-        except ValueError:
+        if p.name.endswith("_probe.json"):
             continue
-        if "test_balanced_accuracy" not in r:
+        r = read_result(p)
+        if r is None:
             continue
         chosen = r.get("chosen", {})
         rows.append({"dataset": r.get("dataset"), "model": r.get("model"), "head": r.get("head"),
@@ -78,12 +104,9 @@ def write_summary(out: str | Path) -> tuple[Path, Path, list[dict]]:
     out = Path(out)
     rows = collect(out)
     csv_path, md_path = out / "summary.csv", out / "summary.md"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    write_atomic(csv_path, csv_text(rows, COLUMNS) if rows else ",".join(COLUMNS) + "\n")
     short = ["dataset", "model", "head", "test_balanced_accuracy", "test_top1", "val_balanced_accuracy", "lr", "wd",
              "dropout", "params", "train_seconds"]
-    md_path.write_text("# Probe results\n\nBalanced top-1 accuracy (%) on the test split; hyper-parameters chosen "
+    write_atomic(md_path, "# Probe results\n\nBalanced top-1 accuracy (%) on the test split; hyper-parameters chosen "
                        "on a stratified 20% validation split of train.\n\n" + markdown_table(rows, short))
     return csv_path, md_path, rows

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from alfcache.format import StoreError, find_stores, read_metadata
+from alfcache.format import StoreError, dataset_key, find_stores, model_key, read_metadata
 
 from .errors import ProbeError, unknown_name
 from .features import FeatureSet, check_compatible, verify_store
@@ -18,85 +18,146 @@ from .heads import HEADS, head_spec, supported_heads
 
 @dataclass
 class StorePair:
-    dataset: str
+    dataset: str  # the dataset name the stores record (for people)
     model: str
     train: Path
     test: Path
+    slug: str = ""  # unique folder name of the dataset (the store folder's): results go under it
+
+    @property
+    def folder(self) -> str:
+        return self.slug or self.dataset
+
+
+def _label(meta: dict) -> str:
+    d = meta.get("dataset", {})
+    src = d.get("source")
+    return f"'{d.get('name')}'" + (f" (source {src})" if src else "")
 
 
 def discover(store_root: str | Path, dataset: str | None = None, model: str | None = None, *,
              skip_unusable: bool = False) -> list[StorePair]:
-    """Group the stores under `store_root` by (dataset, model) from their metadata, not their file names.
-    With `skip_unusable`, groups lacking a split or holding an incomplete store are left out (reports)."""
+    """Pair the train and test stores under `store_root` by identity - the dataset's resolved source and index
+    fingerprint, the model's origin and weights - from their metadata, never by file or typed names. A store
+    that cannot be read is named as damaged where it would have completed a pair. With `skip_unusable`, groups
+    lacking a split or holding an incomplete store are left out (reports)."""
     root = Path(store_root)
     if not root.is_dir():
         raise ProbeError(f"store root '{root}' does not exist; run `alf extract` first or pass --store-root")
-    found: dict[tuple[str, str], dict[str, Path]] = {}
+    groups: dict[tuple, dict[str, tuple[Path, dict]]] = {}
+    damaged: dict[Path, StoreError] = {}
     for p in find_stores(root):
         try:
             m = read_metadata(p)
-        except StoreError:
+        except StoreError as e:
+            damaged[p] = e
             continue
-        key = (m["dataset"]["name"], m["model"]["name"])
         if skip_unusable and not m.get("complete"):
             continue
-        found.setdefault(key, {})[m["split"]] = p
-    if not found:
+        groups.setdefault((dataset_key(m), model_key(m)), {}).setdefault(m["split"], (p, m))
+    if not groups and not damaged:
         raise ProbeError(f"no alfcache stores under '{root}'; run `alf extract` first")
-    datasets = sorted({k[0] for k in found})
-    models = sorted({k[1] for k in found})
+
+    def names(splits: dict) -> tuple[str, str]:
+        meta = next(iter(splits.values()))[1]
+        return meta["dataset"]["name"], meta["model"]["name"]
+
+    slugs = {next(iter(s.values()))[1]["dataset"].get("slug") for s in groups.values()} - {None}
+    datasets = sorted({names(s)[0] for s in groups.values()} | slugs)
+    models = sorted({names(s)[1] for s in groups.values()})
     if dataset is not None and dataset not in datasets:
+        if damaged:
+            raise next(iter(damaged.values()))
         raise unknown_name("dataset (in the stores)", dataset, datasets)
     if model is not None and model not in models:
         raise unknown_name("model (in the stores)", model, models)
     pairs = []
-    for (d, m), splits in sorted(found.items()):
-        if (dataset and d != dataset) or (model and m != model):
+    for key, splits in sorted(groups.items(), key=lambda kv: names(kv[1])):
+        d, m = names(splits)
+        slug = next(iter(splits.values()))[1]["dataset"].get("slug", "")
+        if (dataset and dataset not in (d, slug)) or (model and m != model):
             continue
-        if "train" not in splits or "test" not in splits:
-            if skip_unusable:
-                continue
-            raise ProbeError(f"dataset '{d}' x model '{m}' needs both train and test stores; found {sorted(splits)}")
-        pairs.append(StorePair(d, m, splits["train"], splits["test"]))
+        if "train" in splits and "test" in splits:
+            pairs.append(StorePair(d, m, splits["train"][0], splits["test"][0], slug))
+            continue
+        have = sorted(splits)
+        want = "test" if "train" in splits else "train"
+        path, meta = next(iter(splits.values()))
+        # the same names, another dataset or model: a store that must not be paired with this one
+        for other_key, other in groups.items():
+            if other_key != key and names(other) == (d, m) and want in other:
+                op, om = other[want]
+                what = []
+                if dataset_key(meta) != dataset_key(om):
+                    what.append(f"dataset source ({_label(meta)} vs {_label(om)})")
+                if model_key(meta) != model_key(om):
+                    what.append(f"model or weights fingerprint ({meta['model']['fingerprint'][:19]}... vs "
+                                f"{om['model']['fingerprint'][:19]}...)")
+                raise ProbeError(f"the {have[0]} store '{path}' and the {want} store '{op}' have the same names but "
+                                 f"differ in {' and '.join(what)}; they are not a pair - extract both splits from "
+                                 f"the same dataset with the same model")
+        for bad, err in damaged.items():
+            if bad.parent == path.parent and bad.stem == want:
+                raise err
+        if skip_unusable:
+            continue
+        raise ProbeError(f"dataset '{d}' x model '{m}' needs both train and test stores; found {have} "
+                         f"(run `alf extract` for the missing split)")
     if not pairs:
+        if damaged and not skip_unusable:
+            raise next(iter(damaged.values()))
         raise ProbeError(f"no stores for dataset={dataset} model={model} under '{root}'")
     return pairs
+
+
+def check_heads(heads: list[str], has_patches: bool | None = None) -> None:
+    """Refuse unknown heads, and heads that need patch tokens a store does not have, before any work."""
+    if not heads:
+        raise ProbeError("no head given (--head needs at least one name, or 'all')")
+    for h in heads:
+        if h == "all":
+            continue
+        if h not in HEADS:
+            raise unknown_name("head", h, list(HEADS) + ["all"])
+        if has_patches is False and HEADS[h].tokens.patches:
+            raise ProbeError(f"head '{h}' needs last-layer patch tokens; the store has none (extract with --patches)")
 
 
 def run_heads(pair: StorePair, heads: list[str], protocol: str | dict, out: Path, *, seed: int = 0, device=None,
               allow_incomplete: bool = False, progress: bool = True, on_result=None, tap: str | None = None,
               verify: bool = True) -> list[dict]:
-    if verify and not allow_incomplete:
-        for p in (pair.train, pair.test):
-            verify_store(p)
+    check_heads(heads)
     train = FeatureSet.open(pair.train, allow_incomplete=allow_incomplete)
     test = FeatureSet.open(pair.test, allow_incomplete=allow_incomplete)
     check_compatible(train, test)
     train, test = train.select_tap(tap), test.select_tap(tap)
-    if heads == ["all"]:
-        heads = supported_heads(train)
-    for h in heads:
-        if h not in HEADS:
-            raise unknown_name("head", h, list(HEADS) + ["all"])
-        if HEADS[h].tokens.patches and train.patches is None:
-            raise ProbeError(f"head '{h}' needs last-layer patch tokens; the store has none (extract with --patches)")
+    heads = supported_heads(train) if heads == ["all"] else heads
+    check_heads(heads, has_patches=train.patches is not None)
+    if verify and not allow_incomplete:
+        for p in (pair.train, pair.test):
+            verify_store(p)
     records = []
     for h in heads:
         t0 = time.perf_counter()
         probe = fit(train, h, protocol=protocol, seed=seed, device=device, progress=progress)
         rec = dict(probe.record)
         name = h if not tap else f"{h}@{tap}"
-        rec.update({"dataset": pair.dataset, "model": pair.model, "head": name, "tap": tap or "main", "protocol_name": protocol if isinstance(protocol, str) else "custom",
+        meta = train.meta
+        rec.update({"dataset": pair.dataset, "dataset_folder": pair.folder, "model": pair.model, "head": name,
+                    "tap": tap or "main", "protocol_name": protocol if isinstance(protocol, str) else "custom",
                     "train_store": str(pair.train), "test_store": str(pair.test),
-                    "weights_fingerprint": train.meta.get("model", {}).get("fingerprint"),
-                    "pretrained_weights": train.meta.get("model", {}).get("pretrained_weights"),
+                    "dataset_source": meta.get("dataset", {}).get("source"),
+                    "model_source": meta.get("model", {}).get("source_id"),
+                    "weights_fingerprint": meta.get("model", {}).get("fingerprint"),
+                    "pretrained_weights": meta.get("model", {}).get("pretrained_weights"),
+                    "extraction_protocol": meta.get("extraction", {}).get("protocol"),
                     "test_balanced_accuracy": probe.balanced_accuracy(test), "test_top1": probe.top1(test),
                     "n_test": len(test), "token_names": probe.token_names, "wall_seconds": time.perf_counter() - t0})
         records.append(rec)
         if current_ranks().rank > 0:  # every rank holds the same result; rank 0 writes it
             continue
         att = probe.attention(test) if head_spec(h).has_attention else None
-        path = write_result(out, pair.dataset, pair.model, name, rec, att, probe.token_names)
+        path = write_result(out, pair.folder, pair.model, name, rec, att, probe.token_names)
         probe.save(path.with_name(path.stem + "_probe"))
         if on_result:
             on_result(rec)

@@ -83,7 +83,10 @@ def test_reproduce_mini_end_to_end(tmp_path):
     # idempotent: a rerun skips extraction and every finished head
     p2 = subprocess.run(make, capture_output=True, text=True, env=env, timeout=900)
     assert p2.returncode == 0
-    assert p2.stdout.count("skipped") == 4 and p2.stdout.count("4 heads done, running none") == 2
+    assert p2.stdout.count("skipped") == 4 and p2.stdout.count("4 of 4 heads done") == 2
+    assert "running" not in p2.stdout and "done: 0 heads trained now, 8 results" in p2.stdout
+    # the first run printed one result line per head, as `alf probe` does
+    assert p.stdout.count("test balanced acc") == 8
 
 
 def test_reproduce_says_upfront_what_it_cannot_reach(tmp_path):
@@ -94,6 +97,8 @@ def test_reproduce_says_upfront_what_it_cannot_reach(tmp_path):
     assert "hub NOT reachable" in p.stdout
     assert "SKIP model clip-l" in p.stdout and "SKIP dataset fer2013" in p.stdout
     assert "nothing to run" in p.stderr and "Traceback" not in p.stderr
+    assert "alf fetch --model clip-l,vit-b" in p.stderr and "alf fetch --dataset fer2013,svhn" in p.stderr
+    assert "HF_HUB_OFFLINE=1" in p.stderr and "reproduce-mini" in p.stderr
 
 
 def test_reproduce_goes_on_past_a_failing_pair(tiny_model, tmp_path):
