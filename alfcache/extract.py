@@ -1,14 +1,15 @@
 """Run a backbone over a dataset split and write per-layer CLS/AP tokens into a store.
 
-One forward pass per batch collects every tapped layer (hooks pool on the device). Batches never
-straddle a store chunk, so a chunk is complete when its last batch is done; a background thread
-writes it while the next batches run. A rerun resumes at the first chunk not durably written and,
-because batch boundaries are fixed relative to chunks, reproduces the uninterrupted arrays exactly.
+One forward pass per batch collects every tapped layer (hooks pool on the device). Batches never straddle a store
+chunk (loader.py), so a chunk is complete when its last batch is done; a background thread writes it while the
+next batches run (sinks.py). A rerun resumes at the first chunk not durably written and, because batch
+boundaries are fixed relative to chunks, reproduces the uninterrupted arrays exactly. Distributed runs split the
+chunks between ranks (ranks.py); the metadata comes from metadata.py.
 """
 from __future__ import annotations
 
 import logging
-import platform
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,18 +19,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
 from .backbones import Backbone, load_backbone
 from .datasets import HUB_DATASETS, ImageSource, dataset_slug, open_source
-from .images import RULES as IMAGE_RULES
-from .errors import AlfError
+from .errors import AlfError, os_error
+from .format import default_root, safe_component, store_path
+from .loader import first_readable, loader_for
+from .locks import store_lock
+from .metadata import build_metadata, projection_arrays
 from .numerics import amp_agreement, attention_backend, resolve_autocast
 from .plan import free_bytes, human_bytes
-from .errors import os_error
-from .format import FORMAT, PROJECTION, VERSION, array_checksum, default_root, safe_component, store_path
-from .locks import store_lock
-from .sinks import attach_sink, chunk_rows_for, open_sink
-from .taps import TapCollector, resolve_taps
+from .ranks import Dist, resolve_device
+from .sinks import Sink, attach_sink, chunk_rows_for, open_sink
+from .taps import TapCollector, TapPlan, resolve_taps
 
 log = logging.getLogger(__name__)
 FP16_MAX = 65504.0
@@ -73,53 +74,22 @@ class SplitResult:
     chunks_total: int = 0
 
 
-class _ImageDataset(torch.utils.data.Dataset):
-    """Returns (image tensor, label, index, error). A bad image yields an error string, not an exception,
-    so the main process can report it in one line (exceptions from workers arrive wrapped)."""
+@dataclass
+class Run:
+    """What every split of one extraction shares."""
 
-    def __init__(self, source: ImageSource, transform, input_size):
-        self.source, self.transform, self.input_size = source, transform, tuple(input_size)
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, i):
-        try:
-            x = self.transform(self.source.load(i))
-            err = ""
-        except AlfError as e:
-            x, err = torch.zeros(self.input_size), str(e)
-        return x, int(self.source.labels[i]), i, err
-
-
-def _check_batch(source: ImageSource, transform, bb: Backbone, device: torch.device, k: int = 16) -> torch.Tensor:
-    """The first k readable images of a split, for the autocast agreement check."""
-    ds = _ImageDataset(source, transform, bb.data_config["input_size"])
-    xs = [x for x, _, _, err in (ds[i] for i in range(min(len(ds), 4 * k))) if not err][:k]
-    if not xs:
-        raise AlfError(f"no readable image among the first {min(len(ds), 4 * k)} of split '{source.split}'")
-    return torch.stack(xs).to(device)
-
-
-class _ChunkBatches(torch.utils.data.Sampler):
-    """Batches of indices, never crossing a chunk boundary, for the given chunks only."""
-
-    def __init__(self, chunks: list[int], rows: int, n: int, batch_size: int):
-        self.batches = [list(range(s, min(s + batch_size, min(n, (k + 1) * rows))))
-                        for k in chunks for s in range(k * rows, min(n, (k + 1) * rows), batch_size)]
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
+    cfg: ExtractConfig
+    bb: Backbone
+    plan: TapPlan
+    collector: TapCollector
+    device: torch.device
+    autocast: str | None
+    dist: Dist
 
 
 def check_writable(out: Path) -> None:
     """The store root can be created and written (one line naming the cause otherwise); folders made for the
     check are removed again, so a run that fails later leaves nothing behind."""
-    import os
-
     made = [p for p in [out, *out.parents] if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -133,25 +103,6 @@ def check_writable(out: Path) -> None:
         raise (err or AlfError(f"cannot write to '{out}': {e.strerror or type(e).__name__} (choose another --out)")) from None
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AlfError("--device cuda was asked for but no CUDA device is available")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise AlfError(f"unknown device '{device}' (known: auto, cpu, cuda, cuda:N)")
-    return torch.device(device)
-
-
-def _library_versions() -> dict:
-    import h5py
-    import timm
-    import zarr
-
-    return {"alfcache": __version__, "torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__,
-            "h5py": h5py.__version__, "numpy": np.__version__, "python": platform.python_version()}
-
-
 def probe_shapes(bb: Backbone, collector: TapCollector) -> dict[str, list[int]]:
     """Per-image shape of every array, from one forward pass on a blank image (no hand-computed widths)."""
     x = torch.zeros(1, *bb.data_config["input_size"], device=next(bb.model.parameters()).device)
@@ -160,70 +111,7 @@ def probe_shapes(bb: Backbone, collector: TapCollector) -> dict[str, list[int]]:
     return {k: list(v.shape[1:]) for k, v in collector.collect().items()}
 
 
-def build_metadata(bb: Backbone, source: ImageSource, plan, cfg: ExtractConfig, shapes: dict, chunk_rows: int,
-                   autocast: str | None, weights_fingerprint: str, device_type: str) -> dict:
-    n = len(source)
-    L, D = shapes["cls"]
-    layout = {
-        "cls": "(N, L, D): token 0 of each tapped layer",
-        "ap": f"(N, L, D): mean over tokens {bb.num_prefix_tokens}: (patch tokens; CLS and "
-              f"{bb.num_registers} register tokens excluded)",
-        "layers": "L = len(taps.layer_names), in model order; the last is the final norm for tap sets alf/blocks/modules",
-        "normalised": False,
-    }
-    if "patches" in shapes:
-        layout["patches"] = "(N, P, D): every patch token of the last tapped layer (no CLS, no registers)"
-    if "registers" in shapes:
-        layout["registers"] = "(N, L, R, D): the register tokens of each tapped layer"
-    if plan.module_kinds:
-        layout["modules"] = ("modules/<kind>/{cls,ap,mean} (N, blocks, width of the module): token 0, patch mean, "
-                             "mean over all tokens, for blocks 0..n-1")
-    meta = {
-        "format": FORMAT,
-        "format_version": VERSION,
-        "model": {"name": bb.name, "source_id": bb.source_id, "library": bb.library, "fingerprint": weights_fingerprint,
-                  "pretrained_weights": bb.pretrained, "architecture": bb.architecture,
-                  "depth": bb.depth, "width": bb.width, "num_prefix_tokens": bb.num_prefix_tokens,
-                  "num_registers": bb.num_registers, "num_patches": bb.num_patches,
-                  "params": sum(p.numel() for p in bb.model.parameters())},
-        "preprocessing": bb.preprocessing(),
-        "taps": plan.describe(),
-        "token_layout": layout,
-        "arrays": {k: {"shape": [n, *v], "dtype": cfg.dtype} for k, v in sorted(shapes.items())},
-        "dtype": cfg.dtype,
-        "dataset": {"name": cfg.dataset, "slug": dataset_slug(cfg.dataset), **source.identity(),
-                    "image_loading": {**IMAGE_RULES, "exif_orientation": "applied" if source.exif else
-                                      "not applied (the authors' webdataset decoder ignores it)"}},
-        "split": source.split,
-        "class_names": list(source.class_names),
-        "num_samples": n,
-        "num_layers": L,
-        "width": D,
-        "chunk_rows": chunk_rows,
-        "extraction": {"batch_size": cfg.batch_size, "autocast": autocast, "device_type": device_type,
-                       "protocol": bb.protocol},
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "library_versions": _library_versions(),
-        "complete": False,
-    }
-    if bb.projection is not None:
-        w, b = bb.projection
-        meta["projection"] = {
-            "module": "head", "width": int(w.shape[0]), "arrays": list(PROJECTION),
-            "meaning": "the model's own output for a final-layer token t (cls[:, -1], ap[:, -1], a patch token) is "
-                       "t @ weight.T + bias (CLIP: visual.proj after ln_post); the stored tokens are not projected",
-            "checksums": {PROJECTION[0]: array_checksum(w), PROJECTION[1]: array_checksum(b)}}
-    return meta
-
-
-def projection_arrays(bb: Backbone) -> dict[str, np.ndarray] | None:
-    """The store's non-per-sample arrays: the model's output projection, if it has one."""
-    if bb.projection is None:
-        return None
-    return dict(zip(PROJECTION, bb.projection))
-
-
-def _check_tokens(arrays: dict[str, torch.Tensor], dtype: str, plan, ids) -> None:
+def check_tokens(arrays: dict[str, torch.Tensor], dtype: str, plan: TapPlan, ids) -> None:
     for name, t in arrays.items():
         finite = torch.isfinite(t)
         if not bool(finite.all()):
@@ -234,54 +122,26 @@ def _check_tokens(arrays: dict[str, torch.Tensor], dtype: str, plan, ids) -> Non
             raise AlfError(f"{name} tokens reach {float(t.abs().amax()):.3g}, beyond float16; rerun with --dtype float32")
 
 
-class Dist:
-    """torch.distributed helpers; a single process is rank 0 of 1 and every call is a no-op."""
-
-    def __init__(self, enabled: bool, device: torch.device):
-        import os
-
-        import torch.distributed as td
-
-        self.td = td
-        self.on = enabled or int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if self.on and not td.is_initialized():
-            import datetime
-
-            td.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-        self.rank = td.get_rank() if self.on else 0
-        self.world = td.get_world_size() if self.on else 1
-
-    def barrier(self):
-        if self.on:
-            self.td.barrier()
-
-    def share(self, obj):
-        """Rank 0's value of `obj` on every rank."""
-        if not self.on:
-            return obj
-        box = [obj]
-        self.td.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def extract(cfg: ExtractConfig) -> list[SplitResult]:
+def _open_sources(cfg: ExtractConfig) -> list[ImageSource]:
     if cfg.dtype not in ("float16", "float32"):
         raise AlfError(f"unknown dtype '{cfg.dtype}' (known: float16, float32)")
     if cfg.batch_size < 1:
         raise AlfError("--batch-size must be at least 1")
     if not cfg.splits or any(not s for s in cfg.splits):
         raise AlfError("no split to extract (--split needs at least one name)")
-    out = Path(cfg.out) if cfg.out else default_root()
-    check_writable(out)  # before any model is loaded: a folder that cannot be written is named as such
-    sources = [open_source(cfg.dataset, s) for s in cfg.splits]  # validate names before loading a model
+    sources = [open_source(cfg.dataset, s) for s in cfg.splits]
     for src in sources:  # the paper protocol decodes the authors' datasets as their webdataset decoder did
         src.exif = not (cfg.protocol == "paper" and cfg.dataset in HUB_DATASETS)
+    return sources
+
+
+def _prepare(cfg: ExtractConfig) -> Run:
+    """Device, autocast, ranks, the model with its weights, the tap plan - everything before the first split."""
     device = resolve_device(cfg.device)
     amp = cfg.amp if cfg.amp is not None else ("off" if cfg.protocol == "paper" else "auto")
     autocast = resolve_autocast(amp, device)  # a bad --amp fails before any model is loaded
     dist = Dist(cfg.distributed, device)
-    if dist.on and device.type == "cuda":
-        device = torch.device("cuda", dist.rank % torch.cuda.device_count())
+    device = dist.device(device)
     bb = load_backbone(cfg.model, cfg.protocol)
     bb.model.to(device)
     plan = resolve_taps(bb.model, cfg.taps, bb.layout)
@@ -289,39 +149,38 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
         raise AlfError(f"--registers asked for, but model '{bb.name}' has no register tokens")
     collector = TapCollector(bb.model, plan, bb.num_prefix_tokens, patches=cfg.patches,
                              num_registers=bb.num_registers if cfg.registers else 0)
-    shapes = probe_shapes(bb, collector)
-    transform = bb.transform()
-    numerics = {"attention": attention_backend(bb.model, device), "amp_check": None}
-    if autocast:  # compare with float32 on a few real images before anything is written
-        numerics["amp_check"] = amp_agreement(bb.forward, collector, _check_batch(sources[0], transform, bb, device),
-                                              autocast)
-        log.info("autocast %s agrees with float32: worst token cosine %.5f", autocast,
+    return Run(cfg, bb, plan, collector, device, autocast, dist)
+
+
+def extract(cfg: ExtractConfig) -> list[SplitResult]:
+    out = Path(cfg.out) if cfg.out else default_root()
+    check_writable(out)  # before any model is loaded: a folder that cannot be written is named as such
+    sources = _open_sources(cfg)  # names are checked before a model is loaded
+    run = _prepare(cfg)
+    shapes = probe_shapes(run.bb, run.collector)
+    numerics = {"device_type": run.device.type, "autocast": run.autocast,
+                "attention": attention_backend(run.bb.model, run.device), "amp_check": None}
+    if run.autocast:  # compare with float32 on a few real images before anything is written
+        x = first_readable(sources[0], run.bb.transform(), run.bb.data_config["input_size"], run.device)
+        numerics["amp_check"] = amp_agreement(run.bb.forward, run.collector, x, run.autocast)
+        log.info("autocast %s agrees with float32: worst token cosine %.5f", run.autocast,
                  numerics["amp_check"]["min_cosine"])
-    model_slug = bb.name
-    results = []
-    itemsize = 2 if cfg.dtype == "float16" else 4
-    row_bytes = itemsize * sum(int(np.prod(v)) for v in shapes.values())
+    row_bytes = (2 if cfg.dtype == "float16" else 4) * sum(int(np.prod(v)) for v in shapes.values())
     rows = cfg.chunk_rows or chunk_rows_for(row_bytes)
-    weights_fingerprint = bb.fingerprint()  # hashes every weight: once per run, not once per split
+    fingerprint = run.bb.fingerprint()  # hashes every weight: once per run, not once per split
+    results = []
     for source in sources:
-        meta = build_metadata(bb, source, plan, cfg, shapes, rows, autocast, weights_fingerprint, device.type)
-        meta["extraction"].update(**numerics)
-        path = store_path(out, dataset_slug(cfg.dataset), safe_component(model_slug), source.split, cfg.fmt)
-        need = row_bytes * len(source) * (2 if cfg.fmt == "h5" else 1)  # h5: staged chunks + final file
-        free = free_bytes(path.parent)
-        if cfg.patches or need > free:
-            log.warning("%s: estimated store size %s (free %s)", path, human_bytes(need), human_bytes(free))
-        if need > free and not path.exists():
-            raise AlfError(f"store '{path}' needs about {human_bytes(need)} but only {human_bytes(free)} is free; "
-                           f"free space, choose --out elsewhere, or drop --patches")
+        meta = build_metadata(run.bb, source, run.plan, dataset=cfg.dataset, shapes=shapes, dtype=cfg.dtype,
+                              chunk_rows=rows, batch_size=cfg.batch_size, fingerprint=fingerprint,
+                              extraction=numerics)
+        path = store_path(out, dataset_slug(cfg.dataset), safe_component(run.bb.name), source.split, cfg.fmt)
+        _check_space(path, row_bytes * len(source) * (2 if cfg.fmt == "h5" else 1), cfg.patches)
         try:
-            if dist.rank == 0:
+            if run.dist.rank == 0:
                 with store_lock(path, break_lock=cfg.break_lock):  # rank 0 holds it for the whole job
-                    results.append(_extract_split(bb, source, plan, collector, transform, meta, path, cfg, device,
-                                                  autocast, dist))
+                    results.append(_extract_split(run, source, meta, path))
             else:
-                results.append(_extract_split(bb, source, plan, collector, transform, meta, path, cfg, device,
-                                              autocast, dist))
+                results.append(_extract_split(run, source, meta, path))
         except OSError as e:
             err = os_error(path, e)
             if err is None:
@@ -330,85 +189,122 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
     return results
 
 
-def _extract_split(bb, source, plan, collector, transform, meta, path, cfg, device, autocast,
-                   dist: Dist) -> SplitResult:
-    sink = (open_sink(path, meta, overwrite=cfg.overwrite, world=dist.world, extras=projection_arrays(bb))
+def _check_space(path: Path, need: int, patches: bool) -> None:
+    """Refuse a new store the disk cannot hold (h5 needs room twice: staged chunks + the final file)."""
+    free = free_bytes(path.parent)
+    if patches or need > free:
+        log.warning("%s: estimated store size %s (free %s)", path, human_bytes(need), human_bytes(free))
+    if need > free and not path.exists():
+        raise AlfError(f"store '{path}' needs about {human_bytes(need)} but only {human_bytes(free)} is free; "
+                       f"free space, choose --out elsewhere, or drop --patches")
+
+
+class ChunkAssembler:
+    """Collects the batches of each chunk and hands a finished chunk to the writer thread (at most two chunks
+    queued behind the model, so memory stays bounded)."""
+
+    def __init__(self, sink: Sink, writer: ThreadPoolExecutor, dtype: str):
+        self.sink, self.writer = sink, writer
+        self.np_dtype = np.float16 if dtype == "float16" else np.float32
+        self.buf: dict[int, dict] = {}
+        self.writes: list[Future] = []
+
+    def add(self, k: int, arrays: dict[str, torch.Tensor], labels: np.ndarray, ids: list[str], skipped: list[str]):
+        c = self.buf.setdefault(k, {"arrays": {}, "labels": [], "ids": [], "skipped": [], "count": 0})
+        for name, t in arrays.items():
+            c["arrays"].setdefault(name, []).append(t.cpu().numpy().astype(self.np_dtype))
+        c["labels"].append(labels)
+        c["ids"] += ids
+        c["skipped"] += skipped
+        c["count"] += len(ids)
+        a, b = self.sink.chunk_range(k)
+        if c["count"] == b - a:
+            done = self.buf.pop(k)
+            self.writes = [f for f in self.writes if not f.done() or f.result()]
+            if len(self.writes) >= 2:
+                self.writes.pop(0).result()
+            self.writes.append(self.writer.submit(
+                self.sink.write_chunk, k, {n: np.concatenate(v) for n, v in done["arrays"].items()},
+                np.concatenate(done["labels"]), done["ids"], done["skipped"]))
+
+    def wait(self) -> None:
+        for f in self.writes:
+            f.result()
+
+
+def _forward_batch(run: Run, x: torch.Tensor, errs: list[str], labels: np.ndarray, ids: list[str]):
+    """One forward pass; unreadable images (allowed with --skip-corrupt) get zero tokens and label -1."""
+    bad = [e for e in errs if e]
+    if bad and not run.cfg.skip_corrupt:
+        raise AlfError(bad[0] + " (pass --skip-corrupt to skip and record such images)")
+    x = x.to(run.device, non_blocking=True)
+    with torch.autocast(run.device.type, dtype=getattr(torch, run.autocast or "bfloat16"),
+                        enabled=run.autocast is not None):
+        run.bb.forward(x)
+    arrays = run.collector.collect()
+    skipped = [ids[j] for j, e in enumerate(errs) if e]
+    if skipped:
+        mask = torch.tensor([bool(e) for e in errs], device=x.device)
+        for t in arrays.values():
+            t[mask] = 0.0
+        labels[[j for j, e in enumerate(errs) if e]] = -1
+    check_tokens(arrays, run.cfg.dtype, run.plan, ids)
+    return arrays, labels, skipped
+
+
+def _open_split_sink(run: Run, meta: dict, path: Path) -> Sink | None:
+    """Rank 0 creates, resumes or skips the store; the other ranks attach to it. None: complete, skip."""
+    dist = run.dist
+    sink = (open_sink(path, meta, overwrite=run.cfg.overwrite, world=dist.world, extras=projection_arrays(run.bb))
             if dist.rank == 0 else None)
-    skip = dist.share(sink is None)
-    if skip:
+    if dist.share(sink is None):
+        return None
+    dist.barrier()  # the store exists (created or resumed by rank 0)
+    return sink if dist.rank == 0 else attach_sink(path, dist.rank, dist.world)
+
+
+def _extract_split(run: Run, source: ImageSource, meta: dict, path: Path) -> SplitResult:
+    cfg, dist = run.cfg, run.dist
+    sink = _open_split_sink(run, meta, path)
+    if sink is None:
         log.info("%s is complete; skipped (use --overwrite to redo)", path)
         return SplitResult(source.split, path, "skipped", len(source))
-    dist.barrier()  # the store exists (created or resumed by rank 0)
-    if dist.rank > 0:
-        sink = attach_sink(path, dist.rank, dist.world)
     all_pending = sink.pending()
     pending = [k for k in all_pending if k % dist.world == dist.rank]  # disjoint, chunk-aligned shares
-    status = "resumed" if len(all_pending) < sink.num_chunks else "written"
-    rows, n = sink.rows, sink.n
-    dataset = _ImageDataset(source, transform, meta["preprocessing"]["input_size"])
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=_ChunkBatches(pending, rows, n, cfg.batch_size), num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", persistent_workers=False)
-    np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
-    todo = sum(min(n, (k + 1) * rows) - k * rows for k in pending)
+    loader = loader_for(source, run.bb.transform(), meta["preprocessing"]["input_size"], pending, sink.rows,
+                        cfg.batch_size, cfg.workers, run.device.type == "cuda")
+    todo = sum(b - a for a, b in map(sink.chunk_range, pending))
     desc = f"extract {source.split}" + (f" [rank {dist.rank}/{dist.world}]" if dist.on else "")
     bar = tqdm(total=todo, unit="img", desc=desc, disable=not cfg.progress, smoothing=0.1)
-    buf: dict[int, dict] = {}
-    writes: list[Future] = []
-    t0 = time.perf_counter()
-    wait = 0.0
+    t0, wait = time.perf_counter(), 0.0
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alf-writer") as writer, collector.attached(), \
-                torch.inference_mode():
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alf-writer") as writer, \
+                run.collector.attached(), torch.inference_mode():
+            chunks = ChunkAssembler(sink, writer, cfg.dtype)
             t_wait = time.perf_counter()
             for x, labels, idx, errs in loader:
                 wait += time.perf_counter() - t_wait
                 idx = idx.numpy()
                 ids = [source.sample_id(int(i)) for i in idx]
-                bad = [e for e in errs if e]
-                if bad and not cfg.skip_corrupt:
-                    raise AlfError(bad[0] + " (pass --skip-corrupt to skip and record such images)")
-                x = x.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None):
-                    bb.forward(x)
-                arrays = collector.collect()
-                labels = labels.numpy().copy()
-                skipped = [ids[j] for j, e in enumerate(errs) if e]
-                if skipped:
-                    mask = torch.tensor([bool(e) for e in errs], device=x.device)
-                    for t in arrays.values():
-                        t[mask] = 0.0
-                    labels[[j for j, e in enumerate(errs) if e]] = -1
-                _check_tokens(arrays, cfg.dtype, plan, ids)
-                k = int(idx[0]) // rows
-                c = buf.setdefault(k, {"arrays": {}, "labels": [], "ids": [], "skipped": [], "count": 0})
-                for name, t in arrays.items():
-                    c["arrays"].setdefault(name, []).append(t.cpu().numpy().astype(np_dtype))
-                c["labels"].append(labels)
-                c["ids"] += ids
-                c["skipped"] += skipped
-                c["count"] += len(idx)
-                if c["count"] == min(n, (k + 1) * rows) - k * rows:
-                    done = buf.pop(k)
-                    writes = [f for f in writes if not f.done() or f.result()]
-                    if len(writes) >= 2:  # bound memory: at most two chunks queued behind the model
-                        writes.pop(0).result()
-                    writes.append(writer.submit(sink.write_chunk, k,
-                                                {n_: np.concatenate(v) for n_, v in done["arrays"].items()},
-                                                np.concatenate(done["labels"]), done["ids"], done["skipped"]))
+                arrays, labels, skipped = _forward_batch(run, x, list(errs), labels.numpy().copy(), ids)
+                chunks.add(int(idx[0]) // sink.rows, arrays, labels, ids, skipped)
                 bar.update(len(idx))
                 t_wait = time.perf_counter()
-            for f in writes:
-                f.result()
+            chunks.wait()
     finally:
         bar.close()
-    dist.barrier()  # every rank's chunks are durable
-    if dist.rank == 0:
+    _finish(run, sink, path)
+    secs = time.perf_counter() - t0
+    return SplitResult(source.split, path, "resumed" if len(all_pending) < sink.num_chunks else "written", sink.n,
+                       secs, todo / max(secs, 1e-9), wait, sink.num_chunks - len(all_pending), sink.num_chunks)
+
+
+def _finish(run: Run, sink: Sink, path: Path) -> None:
+    """Once every rank's chunks are durable, rank 0 checks none is missing and marks the store complete."""
+    run.dist.barrier()
+    if run.dist.rank == 0:
         sink.reload()
         if sink.pending():
             raise AlfError(f"extraction of '{path}' ended with chunks missing: {sink.pending()[:5]}")
         sink.finalize()
-    dist.barrier()
-    secs = time.perf_counter() - t0
-    return SplitResult(source.split, path, status, n, secs, todo / max(secs, 1e-9), wait,
-                       sink.num_chunks - len(all_pending), sink.num_chunks)
+    run.dist.barrier()

@@ -41,7 +41,6 @@ class TapPlan:
     taps: list[Tap]
     layer_names: list[str]  # main group, human names
     module_kinds: list[str] = field(default_factory=list)
-    num_blocks: int = 0
     notes: dict = field(default_factory=dict)
 
     @property
@@ -113,7 +112,7 @@ def resolve_taps(model: torch.nn.Module, spec: str = "alf", layout: Layout = TIM
             if spec not in TAP_SETS and "," not in spec:
                 raise unknown_name("tap set", spec, TAP_SETS, hint="or a comma-separated list of module names")
             raise unknown_name("tap module", t.module, [k for k in known if k.count(".") <= 2][:40])
-    return TapPlan(spec, taps, names, kinds, depth, notes)
+    return TapPlan(spec, taps, names, kinds, notes)
 
 
 class TapCollector:

@@ -9,7 +9,8 @@ import torch
 from common import report, timer
 from alfcache.backbones import build_random_model, load_backbone
 from alfcache.datasets import open_source
-from alfcache.extract import ExtractConfig, _ImageDataset, extract
+from alfcache.extract import ExtractConfig, extract
+from alfcache.loader import ImageDataset
 
 
 def main(workers: int = 1, batch: int = 64, repeats: int = 3):
@@ -19,7 +20,7 @@ def main(workers: int = 1, batch: int = 64, repeats: int = 3):
     src = open_source("digits", "train")
     n = len(src)
     t = {}
-    ds = _ImageDataset(src, bb.transform(), bb.data_config["input_size"])
+    ds = ImageDataset(src, bb.transform(), bb.data_config["input_size"])
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
     with timer(t, "load"):
         batches = [x for x, *_ in loader]

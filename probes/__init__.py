@@ -5,7 +5,7 @@ does not import torch.
 """
 from importlib import import_module
 
-_WHERE = {"FeatureSet": "features", "check_compatible": "features", "FittedProbe": "fit", "fit": "fit",
+_WHERE = {"FeatureSet": "features", "check_compatible": "features", "FittedProbe": "fitting", "fit": "fitting",
           "HEADS": "heads", "Head": "heads", "head_spec": "heads", "supported_heads": "heads",
           "PROTOCOLS": "protocol", "Protocol": "protocol", "resolve_protocol": "protocol",
           "TokenSpec": "selection", "resolve_layers": "selection", "ProbeError": "errors"}

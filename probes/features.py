@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from alfcache import format as store_format
-from alfcache.format import PAIR_KEYS, StoreError, check_labels, get, missing_chunks, open_arrays, read_metadata
+from alfcache.format import (PAIR_KEYS, StoreError, check_labels, get, missing_chunks, open_arrays, read_metadata,
+                             verify_store)  # noqa: F401  (verify_store: re-exported for probe users)
 
 from .errors import ProbeError
 from .selection import TokenLayout, TokenSpec, resolve_layers
@@ -184,30 +185,41 @@ class FeatureSet:
         if spec.patches and self.patches is None:
             raise ProbeError("this head needs last-layer patch tokens; extract with --patches")
         layout = self.layout(spec)
-        layers = resolve_layers(self.num_layers, spec.layers)
-        kinds = spec.kind_list()
-        K, L, D = len(kinds), len(layers), self.width
-        import torch  # float16 -> float32 copies and normalisation in torch: ~9x faster than numpy's cast
-
         shape = (len(srt), layout.num_tokens, layout.width)
         if out is None:
             out = np.empty(shape, np.float32)
         elif out.dtype != np.float32 or out.shape[1:] != shape[1:] or len(out) < len(srt) or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous float32 array of at least {shape}, not {out.dtype} {out.shape}")
         out = out[:len(srt)]
+        self._fill(out, srt, spec, layout.padded)
+        self._normalise(out, srt, spec.normalise)
+        if np.array_equal(order, np.arange(len(order))):
+            return out  # asked in sorted order already: no reordering copy
+        inv = np.empty_like(order)
+        inv[order] = np.arange(len(order))
+        return out[inv]
+
+    def _fill(self, out: np.ndarray, srt: np.ndarray, spec: TokenSpec, padded: bool) -> None:
+        """Copy the sorted rows' tokens into `out` (T slots, padded width), projecting the final layer and the
+        patch tokens when the spec reads the model's output."""
+        import torch  # float16 -> float32 copies in torch: ~9x faster than numpy's cast
+
+        layers = resolve_layers(self.num_layers, spec.layers)
+        kinds = spec.kind_list()
+        K, L, D = len(kinds), len(layers), self.width
         x = torch.from_numpy(out)
-        if layout.padded:
+        if padded:
             x.zero_()
         project = None
         if self._projects(spec):
             w, b = (torch.from_numpy(a) for a in self.projection)
-            project = lambda t: torch.addmm(b, t.reshape(-1, D), w.t()).view(*t.shape[:-1], -1)
+            project = lambda t: torch.addmm(b, t.reshape(-1, D), w.t()).view(*t.shape[:-1], -1)  # noqa: E731
         last = self.num_layers - 1
         plain = [l for l in layers if not (project is not None and l == last)]
         for j, k in enumerate(kinds):  # cls+ap interleaves [CLS_1, AP_1, CLS_2, ...]
             arr = getattr(self, k)
-            slots = [layers.index(l) * K + j for l in plain]
             if plain:
+                slots = [layers.index(l) * K + j for l in plain]
                 sl = slice(slots[0], slots[-1] + 1, K) if len(slots) > 1 else slice(slots[0], slots[0] + 1)
                 for pos, block in self._blocks(arr, srt, plain):
                     x[pos:pos + len(block), sl, :D].copy_(torch.from_numpy(np.ascontiguousarray(block)))
@@ -221,21 +233,20 @@ class FeatureSet:
                 t = torch.from_numpy(np.ascontiguousarray(block)).float()
                 t = project(t) if project is not None else t
                 x[pos:pos + len(block), L * K:, :t.shape[-1]].copy_(t)
-        if spec.normalise == "across-tokens":  # every channel over the tokens of a sample (the authors' all-token
-            norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # features: F.normalize(dim=1) of (N, T, D))
-        else:
-            norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+
+    def _normalise(self, out: np.ndarray, srt: np.ndarray, how: str) -> None:
+        """L2-normalise in place: each token, or each channel over the tokens ("across-tokens", the authors'
+        all-token features: F.normalize(dim=1) of an (N, T, D) tensor); refuse non-finite tokens."""
+        import torch
+
+        x = torch.from_numpy(out)
+        norms = torch.linalg.vector_norm(x, dim=1 if how == "across-tokens" else -1, keepdim=True)
         bad = ~torch.isfinite(norms).reshape(len(srt), -1).all(dim=1)  # non-finite iff some element is
         if bool(bad.any()):
             rows_bad = srt[bad.nonzero()[:, 0].numpy()[:3]]
             raise ProbeError(f"non-finite tokens in rows {rows_bad.tolist()}" + (f" of '{self.path}'" if self.path else ""))
-        if spec.normalise != "none":
+        if how != "none":
             x.div_(norms.clamp_min_(1e-12))
-        if np.array_equal(order, np.arange(len(order))):
-            return out  # asked in sorted order already: no reordering copy
-        inv = np.empty_like(order)
-        inv[order] = np.arange(len(order))
-        return out[inv]
 
     def _blocks(self, arr, sorted_rows: np.ndarray, layers):
         """(position in sorted_rows, rows block) pieces of a numpy array or a chunked store array; for the
@@ -256,15 +267,6 @@ class FeatureSet:
                 block = block[part - a]
             yield pos, (block[:, layers] if layers is not None else block)
             pos += len(part)
-
-    def close(self) -> None:
-        if self._handle is not None and hasattr(self._handle, "close"):
-            self._handle.close()
-
-
-def verify_store(path: str | Path, progress: bool = False) -> int:
-    """Re-read every chunk of a store and check it against its recorded checksums (the store contract's rule)."""
-    return store_format.verify_store(path, progress=progress)
 
 
 def check_compatible(train: FeatureSet, test: FeatureSet) -> None:

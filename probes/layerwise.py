@@ -9,7 +9,7 @@ import numpy as np
 
 from .cka import cka
 from .features import FeatureSet
-from .fit import balanced_accuracy, validation_split
+from .fitting import balanced_accuracy, validation_split
 from .heads import PerTokenProbe
 from .protocol import resolve_protocol
 from .selection import TokenSpec

@@ -12,7 +12,7 @@ from .errors import ProbeError, unknown_name
 from .features import FeatureSet, check_compatible, verify_store
 from .ranks import current as current_ranks
 from .results import write_result
-from .fit import fit
+from .fitting import fit
 from .heads import HEADS, head_spec, supported_heads
 
 
@@ -35,16 +35,17 @@ def _label(meta: dict) -> str:
     return f"'{d.get('name')}'" + (f" (source {src})" if src else "")
 
 
-def discover(store_root: str | Path, dataset: str | None = None, model: str | None = None, *,
-             skip_unusable: bool = False) -> list[StorePair]:
-    """Pair the train and test stores under `store_root` by identity - the dataset's resolved source and index
-    fingerprint, the model's origin and weights - from their metadata, never by file or typed names. A store
-    that cannot be read is named as damaged where it would have completed a pair. With `skip_unusable`, groups
-    lacking a split or holding an incomplete store are left out (reports)."""
-    root = Path(store_root)
-    if not root.is_dir():
-        raise ProbeError(f"store root '{root}' does not exist; run `alf extract` first or pass --store-root")
-    groups: dict[tuple, dict[str, tuple[Path, dict]]] = {}
+Groups = dict[tuple, dict[str, tuple[Path, dict]]]  # (dataset identity, model identity) -> split -> (path, meta)
+
+
+def _names(splits: dict) -> tuple[str, str]:
+    meta = next(iter(splits.values()))[1]
+    return meta["dataset"]["name"], meta["model"]["name"]
+
+
+def _read_stores(root: Path, skip_unusable: bool) -> tuple[Groups, dict[Path, StoreError]]:
+    """Every store under root grouped by identity, and the ones that cannot be read."""
+    groups: Groups = {}
     damaged: dict[Path, StoreError] = {}
     for p in find_stores(root):
         try:
@@ -55,16 +56,51 @@ def discover(store_root: str | Path, dataset: str | None = None, model: str | No
         if skip_unusable and not m.get("complete"):
             continue
         groups.setdefault((dataset_key(m), model_key(m)), {}).setdefault(m["split"], (p, m))
+    return groups, damaged
+
+
+def _explain_missing(key: tuple, splits: dict, groups: Groups, damaged: dict[Path, StoreError]) -> ProbeError:
+    """Why a group has no pair: a store of the other split with the same names but another identity (named
+    with both sources), a damaged store where the other split should be, or simply a missing split."""
+    d, m = _names(splits)
+    have = sorted(splits)
+    want = "test" if "train" in splits else "train"
+    path, meta = next(iter(splits.values()))
+    for other_key, other in groups.items():
+        if other_key != key and _names(other) == (d, m) and want in other:
+            op, om = other[want]
+            what = []
+            if dataset_key(meta) != dataset_key(om):
+                what.append(f"dataset source ({_label(meta)} vs {_label(om)})")
+            if model_key(meta) != model_key(om):
+                what.append(f"model or weights fingerprint ({meta['model']['fingerprint'][:19]}... vs "
+                            f"{om['model']['fingerprint'][:19]}...)")
+            return ProbeError(f"the {have[0]} store '{path}' and the {want} store '{op}' have the same names but "
+                              f"differ in {' and '.join(what)}; they are not a pair - extract both splits from "
+                              f"the same dataset with the same model")
+    for bad, err in damaged.items():
+        if bad.parent == path.parent and bad.stem == want:
+            return err
+    return ProbeError(f"dataset '{d}' x model '{m}' needs both train and test stores; found {have} "
+                      f"(run `alf extract` for the missing split)")
+
+
+def discover(store_root: str | Path, dataset: str | None = None, model: str | None = None, *,
+             skip_unusable: bool = False) -> list[StorePair]:
+    """Pair the train and test stores under `store_root` by identity - the dataset's resolved source and index
+    fingerprint, the model's origin and weights - from their metadata, never by file or typed names. `dataset`
+    matches a recorded name or dataset folder name. A store that cannot be read is named as damaged where it
+    would have completed a pair. With `skip_unusable`, groups lacking a split or holding an incomplete store are
+    left out (reports)."""
+    root = Path(store_root)
+    if not root.is_dir():
+        raise ProbeError(f"store root '{root}' does not exist; run `alf extract` first or pass --store-root")
+    groups, damaged = _read_stores(root, skip_unusable)
     if not groups and not damaged:
         raise ProbeError(f"no alfcache stores under '{root}'; run `alf extract` first")
-
-    def names(splits: dict) -> tuple[str, str]:
-        meta = next(iter(splits.values()))[1]
-        return meta["dataset"]["name"], meta["model"]["name"]
-
-    slugs = {next(iter(s.values()))[1]["dataset"].get("slug") for s in groups.values()} - {None}
-    datasets = sorted({names(s)[0] for s in groups.values()} | slugs)
-    models = sorted({names(s)[1] for s in groups.values()})
+    slug = lambda splits: next(iter(splits.values()))[1]["dataset"].get("slug", "")  # noqa: E731
+    datasets = sorted({_names(s)[0] for s in groups.values()} | {slug(s) for s in groups.values()} - {""})
+    models = sorted({_names(s)[1] for s in groups.values()})
     if dataset is not None and dataset not in datasets:
         if damaged:
             raise next(iter(damaged.values()))
@@ -72,37 +108,14 @@ def discover(store_root: str | Path, dataset: str | None = None, model: str | No
     if model is not None and model not in models:
         raise unknown_name("model (in the stores)", model, models)
     pairs = []
-    for key, splits in sorted(groups.items(), key=lambda kv: names(kv[1])):
-        d, m = names(splits)
-        slug = next(iter(splits.values()))[1]["dataset"].get("slug", "")
-        if (dataset and dataset not in (d, slug)) or (model and m != model):
+    for key, splits in sorted(groups.items(), key=lambda kv: _names(kv[1])):
+        d, m = _names(splits)
+        if (dataset and dataset not in (d, slug(splits))) or (model and m != model):
             continue
         if "train" in splits and "test" in splits:
-            pairs.append(StorePair(d, m, splits["train"][0], splits["test"][0], slug))
-            continue
-        have = sorted(splits)
-        want = "test" if "train" in splits else "train"
-        path, meta = next(iter(splits.values()))
-        # the same names, another dataset or model: a store that must not be paired with this one
-        for other_key, other in groups.items():
-            if other_key != key and names(other) == (d, m) and want in other:
-                op, om = other[want]
-                what = []
-                if dataset_key(meta) != dataset_key(om):
-                    what.append(f"dataset source ({_label(meta)} vs {_label(om)})")
-                if model_key(meta) != model_key(om):
-                    what.append(f"model or weights fingerprint ({meta['model']['fingerprint'][:19]}... vs "
-                                f"{om['model']['fingerprint'][:19]}...)")
-                raise ProbeError(f"the {have[0]} store '{path}' and the {want} store '{op}' have the same names but "
-                                 f"differ in {' and '.join(what)}; they are not a pair - extract both splits from "
-                                 f"the same dataset with the same model")
-        for bad, err in damaged.items():
-            if bad.parent == path.parent and bad.stem == want:
-                raise err
-        if skip_unusable:
-            continue
-        raise ProbeError(f"dataset '{d}' x model '{m}' needs both train and test stores; found {have} "
-                         f"(run `alf extract` for the missing split)")
+            pairs.append(StorePair(d, m, splits["train"][0], splits["test"][0], slug(splits)))
+        elif not skip_unusable:
+            raise _explain_missing(key, splits, groups, damaged)
     if not pairs:
         if damaged and not skip_unusable:
             raise next(iter(damaged.values()))

@@ -6,7 +6,8 @@ import torch
 
 from alfcache.backbones import load_backbone
 from alfcache.errors import AlfError
-from alfcache.extract import ExtractConfig, _check_batch, extract
+from alfcache.extract import ExtractConfig, extract
+from alfcache.loader import first_readable
 from alfcache.datasets import open_source
 from alfcache.numerics import amp_agreement, resolve_autocast
 from alfcache.taps import TapCollector, resolve_taps
@@ -46,7 +47,7 @@ def test_bf16_extraction_is_checked_recorded_and_close_to_float32(tiny_model, tm
 def test_agreement_check_refuses_beyond_its_limit(tiny_model):
     bb = load_backbone(f"local-dir:{tiny_model}")
     col = TapCollector(bb.model, resolve_taps(bb.model, "alf", bb.layout), bb.num_prefix_tokens)
-    x = _check_batch(open_source("digits", "train"), bb.transform(), bb, torch.device("cpu"))
+    x = first_readable(open_source("digits", "train"), bb.transform(), bb.data_config["input_size"], torch.device("cpu"))
     rec = amp_agreement(bb.forward, col, x, "bfloat16")
     assert rec["min_cosine"] < 1.0 and rec["worst_array"] in ("cls", "ap")
     with pytest.raises(AlfError, match="disagrees with float32") as e:

@@ -234,8 +234,9 @@ def test_record_save_load_roundtrip(planted_sets, tmp_path):
 
 def test_streaming_batches_match_in_memory_set(planted_sets):
     """Training from chunk-streamed reads (store bigger than RAM) reaches the same quality."""
-    train, test = planted_sets
-    train.chunk_rows = 100
+    base, test = planted_sets
+    train = FeatureSet(base.cls, base.ap, base.labels, base.class_names, base.layer_names, meta=base.meta,
+                       chunk_rows=100)  # a copy: the module-scoped fixture stays as it was
     s = BatchStream(train, train.rows, TokenSpec("all", "cls+ap"), 256, seed=0, in_memory=False)
     it = iter(s)
     batches = [next(it) for _ in range(5)]  # first epoch: 1200 rows in batches of 256
