@@ -106,6 +106,13 @@ def _split_names(value: str) -> list[str]:
     return splits
 
 
+def _command() -> str:
+    """The command line that produced a report (for its provenance)."""
+    import shlex
+
+    return "alf " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def _table(rows: list[dict], cols: list[str]) -> str:
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) if rows else len(c) for c in cols}
     out = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
@@ -319,7 +326,8 @@ def probe(
     protocol: str = typer.Option("paper", "--protocol", "--grid",
                                  help="paper (the authors' runs) | clean (paper, clean validation) | quick (CPU)"),
     out: Path = typer.Option(Path("results"), help="results folder"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="first seed"),
+    seeds: int = typer.Option(1, help="number of seeds (seed, seed+1, ...): tables show mean ± std over them"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     allow_incomplete: bool = typer.Option(False, help="probe stores whose extraction did not finish"),
     tap: Optional[str] = typer.Option(None, help="probe a module tap of a `--taps modules` store, e.g. ffn_activation"),
@@ -330,7 +338,7 @@ def probe(
     """Train heads on stored tokens; write one JSON per (dataset, model, head) and a summary table."""
     heads = _heads(head)
     _protocol(protocol), _at_least("--seed", seed, 0, 2**31 - 1), _device(device), _path("--out", out)
-    _path("--store-root", store_root)
+    _at_least("--seeds", seeds, 1, 100), _path("--store-root", store_root)
     for option, value in (("--dataset", dataset), ("--model", model), ("--tap", tap)):
         if value is not None:
             _text(option, value)
@@ -339,7 +347,7 @@ def probe(
 
     md = study.probe_stores(store_root or default_root(), heads, out, dataset=dataset, model=model, protocol=protocol,
                             seed=seed, device=device, allow_incomplete=allow_incomplete, tap=tap, verify=verify,
-                            distributed=distributed, echo=typer.echo)
+                            distributed=distributed, seeds=seeds, echo=typer.echo)
     if md is not None:
         typer.echo("\n" + md.read_text())
         typer.echo(f"results in {out}/ (summary.md, summary.csv, one JSON per head)")
@@ -366,10 +374,13 @@ def report(
     cka: str = typer.Option("linear", help="linear | rbf (debiased CKA kernel)"),
     layers: bool = typer.Option(True, help="run the per-layer probes + CKA (needs the stores)"),
     modules: bool = typer.Option(True, help="for `--taps modules` stores: linear probe on every block x module"),
-    seed: int = 0, device: str = "auto",
+    seed: int = typer.Option(0, help="first seed"),
+    seeds: int = typer.Option(1, help="seeds of the per-layer probes (plots show the spread as a band)"),
+    device: str = "auto",
 ):
     """Per-layer accuracy + CKA plots, ALF heatmaps and tables against the paper, linked from index.md."""
     _protocol(protocol), _choice("--cka", cka, ("linear", "rbf")), _at_least("--seed", seed, 0), _device(device)
+    _at_least("--seeds", seeds, 1, 100)
     for option, value in (("--store-root", store_root), ("--results", results), ("--out", out)):
         _path(option, value)
     import study
@@ -377,7 +388,8 @@ def report(
 
     study.check_output(out)
     index = study.build_report(store_root or default_root(), results, out, dataset=dataset, model=model,
-                               protocol=protocol, cka=cka, layers=layers, modules=modules, seed=seed, device=device)
+                               protocol=protocol, cka=cka, layers=layers, modules=modules, seed=seed, seeds=seeds,
+                               device=device, command=_command())
     typer.echo(f"report: {index}")
     means = out / "tables" / "means_vs_paper.md"
     if means.exists():
@@ -395,7 +407,8 @@ def reproduce(
     root: Path = typer.Option(Path("."), help="folder for features/, results/ and reports/"),
     device: str = typer.Option("auto"), workers: int = typer.Option(2), batch_size: int = typer.Option(128),
     dtype: str = typer.Option("float32", help="stored precision: float32 (as the authors) or float16 (half the disk)"),
-    seed: int = 0,
+    seed: int = typer.Option(0, help="first seed"),
+    seeds: int = typer.Option(1, help="seeds per head (the paper: 1); tables show mean ± std over them"),
 ):
     """The whole study: extract (complete stores skipped), probe every head, report. Rerun to resume."""
     model_list = [_model(m) for m in _names("--models", models)]
@@ -405,11 +418,12 @@ def reproduce(
     head_list = _heads(heads)
     _protocol(protocol), _device(device), _path("--root", root), _choice("--dtype", dtype, ("float16", "float32"))
     _at_least("--workers", workers, 0, 256), _at_least("--batch-size", batch_size, 1, 1 << 16)
-    _at_least("--seed", seed, 0, 2**31 - 1)
+    _at_least("--seed", seed, 0, 2**31 - 1), _at_least("--seeds", seeds, 1, 100)
     import study
 
     study.reproduce(model_list, dataset_list, head_list, root=root, protocol=protocol, device=device,
-                    workers=workers, batch_size=batch_size, dtype=dtype, seed=seed, echo=typer.echo,
+                    workers=workers, batch_size=batch_size, dtype=dtype, seed=seed, seeds=seeds,
+                    command=_command(), echo=typer.echo,
                     echo_err=lambda text: typer.secho(text, err=True, fg=typer.colors.RED))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,21 +39,28 @@ def check_output(out: Path, need_bytes: int = 16 << 20) -> None:
                        f"free space or choose another --out")
 
 
-def result_done(folder: Path, head: str, protocol: str, seed: int) -> bool:
-    """Is this head's result for this protocol and seed on disk and readable? A damaged file is not done."""
+def result_done(folder: Path, head: str, protocol: str, seeds: list[int]) -> bool:
+    """Is this head's result for this protocol and these seeds on disk and readable? A damaged file is not."""
     from probes.results import _slug, read_result
 
     f = folder / f"{_slug(head)}.json"
     if not f.exists():
         return False
     rec = read_result(f)
-    return rec is not None and rec.get("protocol_name") == protocol and rec.get("seed") == seed
+    return (rec is not None and rec.get("protocol_name") == protocol
+            and rec.get("seeds", [rec.get("seed")]) == list(seeds))
 
 
 def result_line(rec: dict) -> str:
+    from probes.results import fmt_spread
+
     c = rec["chosen"]
-    return (f"{rec['dataset']} | {rec['model']} | {rec['head']}: test balanced acc {rec['test_balanced_accuracy']:.2f}% "
-            f"(val {rec['val_balanced_accuracy']:.2f}%, lr={c['lr']:g} wd={c['wd']:g} dropout={c['dropout']:g}, "
+    n = rec.get("n_seeds", 1)
+    acc = fmt_spread(rec["test_balanced_accuracy"], rec.get("test_balanced_accuracy_std"), n).replace(" (n=", "% (n=")
+    acc = acc if n > 1 else acc + "%"
+    chosen = f"lr={c['lr']:g} wd={c['wd']:g} dropout={c['dropout']:g}" + (" for seed " + str(rec["seeds"][0]) if n > 1 else "")
+    return (f"{rec['dataset']} | {rec['model']} | {rec['head']}: test balanced acc {acc} "
+            f"(val {rec['val_balanced_accuracy']:.2f}%, chance {rec.get('chance', float('nan')):.1f}%, {chosen}, "
             f"{rec['params']:,} params)")
 
 
@@ -60,7 +68,7 @@ def result_line(rec: dict) -> str:
 def probe_stores(store_root: Path, heads: list[str], out: Path, *, dataset: str | None = None,
                  model: str | None = None, protocol: str = "paper", seed: int = 0, device: str = "auto",
                  allow_incomplete: bool = False, tap: str | None = None, verify: bool = True,
-                 distributed: bool = False, echo: Echo = print) -> Path | None:
+                 distributed: bool = False, seeds: int = 1, echo: Echo = print) -> Path | None:
     """`alf probe`: every (dataset, model) pair under the store root (or the one named), the given heads, one
     result line per head, then the summary table. Returns summary.md (None on ranks > 0)."""
     from probes import ranks as rank_group
@@ -78,7 +86,8 @@ def probe_stores(store_root: Path, heads: list[str], out: Path, *, dataset: str 
         echo(f"probing {len(pairs)} dataset x model pairs: {', '.join(f'{p.dataset} x {p.model}' for p in pairs)}")
     for pair in pairs:
         run_heads(pair, heads, protocol, out, seed=seed, device=device, allow_incomplete=allow_incomplete,
-                  on_result=(lambda r: echo(result_line(r))) if ranks.rank == 0 else None, tap=tap, verify=verify)
+                  on_result=(lambda r: echo(result_line(r))) if ranks.rank == 0 else None, tap=tap, verify=verify,
+                  seeds=seeds)
     if ranks.rank > 0:
         return None
     _, md, _ = write_summary(out)
@@ -86,40 +95,72 @@ def probe_stores(store_root: Path, heads: list[str], out: Path, *, dataset: str 
 
 
 # ------------------------------------------------------------------------------------------ report
+def _store_provenance(meta: dict, protocol: str, seeds: int, command: str) -> dict:
+    m = meta.get("model", {})
+    return {"model_source": m.get("source_id"), "pretrained_weights": m.get("pretrained_weights"),
+            "weights_fingerprint": m.get("fingerprint"), "extraction_protocol": meta.get("extraction", {}).get("protocol"),
+            "protocol": protocol, "seeds": seeds, "date": time.strftime("%Y-%m-%d %H:%M"), "command": command}
+
+
+def _results_provenance(rows: list[dict]) -> dict[str, dict]:
+    """Per model, from the results: weights, protocols, seeds and each dataset's chance level."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        p = out.setdefault(r["model"], {"model_source": r["model_source"], "pretrained_weights": r["pretrained_weights"],
+                                        "weights_fingerprint": r["weights_fingerprint"],
+                                        "extraction_protocol": r["extraction_protocol"], "protocol": set(),
+                                        "seeds": set(), "datasets": {}})
+        p["protocol"].add(str(r["protocol"]))
+        p["seeds"].add(r["seeds"])
+        p["datasets"][r["dataset"]] = r["chance"]
+    for p in out.values():
+        p["protocol"] = ", ".join(sorted(p["protocol"]))
+        p["seeds"] = "; ".join(sorted(p["seeds"]))
+        p["datasets"] = ", ".join(f"{d} ({c})" for d, c in sorted(p["datasets"].items()))
+    return out
+
+
 def build_report(store_root: Path, results: Path, out: Path, *, dataset: str | None = None,
                  model: str | None = None, protocol: str = "quick", cka: str = "linear", layers: bool = True,
-                 modules: bool = True, seed: int = 0, device: str = "auto") -> Path:
+                 modules: bool = True, seed: int = 0, seeds: int = 1, device: str = "auto",
+                 command: str = "") -> Path:
     """Per-layer accuracy + CKA, module pictures, ALF heatmaps and tables against the paper, linked from
-    index.md."""
+    index.md, with where every number came from."""
     from probes.features import FeatureSet, check_compatible
     from probes.layerwise import layer_sweep, module_sweep
-    from probes.report import alf_heatmap, comparison_tables, layer_report, module_report, write_index
+    from probes.report import alf_heatmaps, comparison_tables, layer_report, module_report, write_index
     from probes.results import _slug, collect
     from probes.runner import discover
 
     sections: dict[str, list] = {"Per-layer linear probes and CKA": [], "ALF layer-attention heatmaps": [],
                                  "Tables": []}
+    provenance: dict[str, dict] = {}
     if layers:
         for pair in discover(store_root, dataset, model, skip_unusable=True):
             train, test = FeatureSet.open(pair.train), FeatureSet.open(pair.test)
             check_compatible(train, test)
-            rows = layer_sweep(train, test, protocol=protocol, seed=seed, device=device, kernel=cka)
+            prov = _store_provenance(train.meta, protocol, seeds, command)
+            rows = layer_sweep(train, test, protocol=protocol, seed=seed, seeds=seeds, device=device, kernel=cka)
+            provenance.setdefault(pair.model, {**prov, "datasets": ""})
             d = out / "layers" / _slug(pair.folder) / _slug(pair.model)
-            files = layer_report(rows, d, f"{pair.dataset} x {pair.model}")
             label = f"{pair.dataset} x {pair.model}"
+            files = layer_report(rows, d, label, prov)
             sections["Per-layer linear probes and CKA"] += [(label, files["md"]), (f"{label} (plot)", files["png"])]
             if modules and train.module_taps:
-                mfiles = module_report(module_sweep(train, test, protocol=protocol, seed=seed, device=device), d, label)
+                mfiles = module_report(module_sweep(train, test, protocol=protocol, seed=seed, seeds=seeds,
+                                                    device=device), d, label, prov)
                 sections.setdefault("Module-level probes", []).extend(
                     [(label, mfiles["md"]), (f"{label} (plot)", mfiles["png"])])
     if results.is_dir():
-        for m in sorted({r["model"] for r in collect(results)}):
-            files = alf_heatmap(results, m, out / "heatmaps")
-            if files:
-                sections["ALF layer-attention heatmaps"] += [(f"{m} (plot)", files["png"]), (f"{m} (CSV)", files["csv"])]
-        for label, path in comparison_tables(results, out / "tables").items():
+        rows = collect(results)
+        provenance.update(_results_provenance(rows))
+        for m, files in alf_heatmaps(results, sorted({r["model"] for r in rows}), out / "heatmaps",
+                                     provenance=provenance).items():
+            sections["ALF layer-attention heatmaps"] += [(f"{m} (plot)", files["png"]), (f"{m} (CSV)", files["csv"])]
+        note = f"_Made by `{command or 'alf report'}`; provenance of every model in ../index.md._\n\n"
+        for label, path in comparison_tables(results, out / "tables", note).items():
             sections["Tables"].append((label, path))
-    return write_index(out, sections)
+    return write_index(out, sections, provenance, command)
 
 
 # ------------------------------------------------------------------------------------------ reproduce
@@ -187,7 +228,7 @@ def _stderr(text: str) -> None:
 
 def reproduce(models: list[str], datasets: list[str], heads: list[str], *, root: Path, protocol: str = "paper",
               device: str = "auto", workers: int = 2, batch_size: int = 128, dtype: str = "float32",
-              seed: int = 0, echo: Echo = print, echo_err: Echo = _stderr) -> Path:
+              seed: int = 0, seeds: int = 1, command: str = "", echo: Echo = print, echo_err: Echo = _stderr) -> Path:
     """The whole study: extract (complete stores skipped), probe every head (finished heads skipped; a damaged
     result is redone), one line per finished head, a summary, the report. A failing dataset x model pair is
     reported and the rest goes on; the run then ends in an error naming the failed pairs."""
@@ -219,18 +260,19 @@ def reproduce(models: list[str], datasets: list[str], heads: list[str], *, root:
                                      model=meta["model"]["name"]):
                     wanted = supported_heads(FeatureSet.open(pair.train)) if heads == ["all"] else heads
                     folder = result_dir(results, pair.folder, pair.model)
-                    todo = [h for h in wanted if not result_done(folder, h, protocol, seed)]
+                    todo = [h for h in wanted if not result_done(folder, h, protocol, list(range(seed, seed + seeds)))]
                     echo(f"{pair.dataset} x {pair.model}: {len(wanted) - len(todo)} of {len(wanted)} heads done"
                          + (f", running {', '.join(todo)}" if todo else ""))
                     if todo:
-                        recs = run_heads(pair, todo, protocol, results, seed=seed, device=device,
+                        recs = run_heads(pair, todo, protocol, results, seed=seed, seeds=seeds, device=device,
                                          on_result=lambda r: echo(result_line(r)))
                         done_heads += len(recs)
             except FAILURES as e:
                 echo_err(f"FAILED {d} x {m}: {e}")
                 failed.append(f"{d} x {m}")
     _, md, rows = write_summary(results)
-    index = build_report(features, results, root / "reports", protocol="quick", seed=seed, device=device)
+    index = build_report(features, results, root / "reports", protocol="quick", seed=seed, seeds=seeds,
+                         device=device, command=command)
     echo(f"done: {done_heads} heads trained now, {len(rows)} results in {results}/ (summary.md), report {index}")
     if failed:
         raise AlfError(f"{len(failed)} dataset x model pair(s) failed: {', '.join(failed)}; "

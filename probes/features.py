@@ -34,6 +34,15 @@ class FeatureSet:
     mean: object | None = None  # (N, L, D) mean over all tokens (module taps only)
     projection: tuple[np.ndarray, np.ndarray] | None = None  # the model's output projection (E, D), (E,)
 
+    def __repr__(self) -> str:
+        m = self.meta
+        name = f"{m.get('dataset', {}).get('name', 'arrays')} / {m.get('model', {}).get('name', '-')}"
+        split = f" {m['split']}" if m.get("split") else ""
+        extra = f", {self.num_patches} patch tokens" if self.patches is not None else ""
+        where = f", store '{self.path}'" if self.path else ""
+        return (f"FeatureSet({name}{split}: {len(self)} rows x {self.num_layers} layers x {self.width}, "
+                f"{len(self.class_names)} classes{extra}{where})")
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_arrays(klass, *, cls=None, ap=None, labels, class_names=None, layer_names=None, patches=None,

@@ -16,8 +16,36 @@ log = logging.getLogger(__name__)
 
 HEAD_ORDER = ["linear", "linear-clsap", "concat", "concat:middle+last", "concat:quarterly", "attentive",
               "alf:last", "alf:middle+last", "alf:quarterly", "alf", "alf-patches"]
-COLUMNS = ["dataset", "model", "head", "test_balanced_accuracy", "test_top1", "val_balanced_accuracy",
-           "lr", "wd", "dropout", "params", "train_seconds", "n_train", "n_test", "protocol", "seed"]
+COLUMNS = ["dataset", "model", "head", "test_balanced_accuracy", "test_balanced_accuracy_std", "n_seeds", "seeds",
+           "chance", "test_top1", "val_balanced_accuracy", "lr", "wd", "dropout", "params", "train_seconds", "n_train",
+           "n_test", "protocol", "model_source", "pretrained_weights", "weights_fingerprint", "extraction_protocol"]
+PER_SEED = ("seed", "chosen", "val_balanced_accuracy", "test_balanced_accuracy", "test_top1", "steps_grid",
+            "steps_final", "train_seconds_grid", "train_seconds_final")
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def combine_seeds(records: list[dict]) -> dict:
+    """One result record from the same head trained with several seeds: the first seed's record, the scores
+    replaced by their mean over seeds, with their standard deviation, and every seed's own figures kept."""
+    rec = dict(records[0])
+    for key in ("test_balanced_accuracy", "test_top1", "val_balanced_accuracy"):
+        rec[key], rec[f"{key}_std"] = spread([r[key] for r in records])
+    rec["seeds"] = [r["seed"] for r in records]
+    rec["n_seeds"] = len(records)
+    rec["per_seed"] = [{k: r.get(k) for k in PER_SEED} for r in records]
+    return rec
+
+
+def fmt_spread(mean: float, std: float | None, n: int | None) -> str:
+    """'51.22' for one seed, '51.22 ± 0.91 (n=3)' for several."""
+    if not n or n < 2:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {std:.2f} (n={n})"
 
 
 def _slug(s: str) -> str:
@@ -71,6 +99,8 @@ def read_result(path: Path) -> dict | None:
 
 
 def collect(out: str | Path) -> list[dict]:
+    """One row per result (dataset, model, head): scores as mean over seeds with their spread, the chance level,
+    the chosen configuration (first seed) and where the features came from."""
     rows = []
     for p in sorted(Path(out).glob("*/*/*.json")):
         if p.name.endswith("_probe.json"):
@@ -81,13 +111,21 @@ def collect(out: str | Path) -> list[dict]:
         chosen = r.get("chosen", {})
         rows.append({"dataset": r.get("dataset"), "model": r.get("model"), "head": r.get("head"),
                      "test_balanced_accuracy": round(r["test_balanced_accuracy"], 2),
+                     "test_balanced_accuracy_std": round(r.get("test_balanced_accuracy_std", 0.0), 2),
+                     "n_seeds": r.get("n_seeds", 1), "seeds": " ".join(map(str, r.get("seeds", [r.get("seed")]))),
+                     "per_seed_test": [p["test_balanced_accuracy"] for p in r.get("per_seed", [])]
+                     or [r["test_balanced_accuracy"]],
+                     "chance": round(r["chance"], 2) if r.get("chance") else None,
+                     "model_source": r.get("model_source"), "pretrained_weights": r.get("pretrained_weights"),
+                     "weights_fingerprint": r.get("weights_fingerprint"),
+                     "extraction_protocol": r.get("extraction_protocol"), "finished_at": r.get("finished_at"),
                      "test_top1": round(r.get("test_top1", float("nan")), 2),
                      "val_balanced_accuracy": round(r.get("val_balanced_accuracy", float("nan")), 2),
                      "lr": chosen.get("lr"), "wd": chosen.get("wd"), "dropout": chosen.get("dropout"),
                      "params": r.get("params"),
                      "train_seconds": round(r.get("train_seconds_grid", 0) + r.get("train_seconds_final", 0), 1),
-                     "n_train": r.get("n_train_all"), "n_test": r.get("n_test"), "protocol": r.get("protocol_name", r.get("grid_name")),
-                     "seed": r.get("seed")})
+                     "n_train": r.get("n_train_all"), "n_test": r.get("n_test"),
+                     "protocol": r.get("protocol_name", r.get("grid_name"))})
     order = {h: i for i, h in enumerate(HEAD_ORDER)}
     rows.sort(key=lambda r: (str(r["dataset"]), str(r["model"]), order.get(r["head"], 99), str(r["head"])))
     return rows
@@ -105,8 +143,16 @@ def write_summary(out: str | Path) -> tuple[Path, Path, list[dict]]:
     rows = collect(out)
     csv_path, md_path = out / "summary.csv", out / "summary.md"
     write_atomic(csv_path, csv_text(rows, COLUMNS) if rows else ",".join(COLUMNS) + "\n")
-    short = ["dataset", "model", "head", "test_balanced_accuracy", "test_top1", "val_balanced_accuracy", "lr", "wd",
-             "dropout", "params", "train_seconds"]
-    write_atomic(md_path, "# Probe results\n\nBalanced top-1 accuracy (%) on the test split; hyper-parameters chosen "
-                       "on a stratified 20% validation split of train.\n\n" + markdown_table(rows, short))
+    shown = [{**r, "test balanced acc (%)": fmt_spread(r["test_balanced_accuracy"], r["test_balanced_accuracy_std"],
+                                                       r["n_seeds"]),
+              "weights": "pretrained" if r["pretrained_weights"] else "RANDOM"} for r in rows]
+    short = ["dataset", "model", "head", "test balanced acc (%)", "chance", "test_top1", "val_balanced_accuracy", "lr",
+             "wd", "dropout", "params", "train_seconds", "protocol", "weights"]
+    random = sorted({r["model"] for r in rows if r["pretrained_weights"] is False})
+    note = (f"\n**Random weights**: {', '.join(random)} - their numbers only show that the pipeline runs.\n"
+            if random else "")
+    write_atomic(md_path, "# Probe results\n\nBalanced top-1 accuracy (%) on the test split, mean ± standard deviation "
+                          "over seeds (n = number of seeds; one number: one seed); chance = 100 / classes. "
+                          "Hyper-parameters (first seed's) chosen on a stratified 20% validation split of train."
+                          "\n" + note + "\n" + markdown_table(shown, short))
     return csv_path, md_path, rows

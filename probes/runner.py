@@ -5,13 +5,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 
 from alfcache.format import StoreError, dataset_key, find_stores, model_key, read_metadata
 
 from .errors import ProbeError, unknown_name
 from .features import FeatureSet, check_compatible, verify_store
 from .ranks import current as current_ranks
-from .results import write_result
+from .results import combine_seeds, write_result
 from .fitting import fit
 from .heads import HEADS, head_spec, supported_heads
 
@@ -138,7 +140,11 @@ def check_heads(heads: list[str], has_patches: bool | None = None) -> None:
 
 def run_heads(pair: StorePair, heads: list[str], protocol: str | dict, out: Path, *, seed: int = 0, device=None,
               allow_incomplete: bool = False, progress: bool = True, on_result=None, tap: str | None = None,
-              verify: bool = True) -> list[dict]:
+              verify: bool = True, seeds: int = 1) -> list[dict]:
+    """Fit each head on the pair's train store with `seeds` seeds (seed, seed + 1, ...: each its own validation
+    split, initialisation and batches; the grid in one pass per seed), score it on the test store, and write one
+    result per head: the scores' mean and spread over seeds, every seed's own figures, the attention weights
+    (mean over seeds) and each seed's probe."""
     check_heads(heads)
     train = FeatureSet.open(pair.train, allow_incomplete=allow_incomplete)
     test = FeatureSet.open(pair.test, allow_incomplete=allow_incomplete)
@@ -151,27 +157,41 @@ def run_heads(pair: StorePair, heads: list[str], protocol: str | dict, out: Path
             verify_store(p)
     records = []
     for h in heads:
-        t0 = time.perf_counter()
-        probe = fit(train, h, protocol=protocol, seed=seed, device=device, progress=progress)
-        rec = dict(probe.record)
         name = h if not tap else f"{h}@{tap}"
-        meta = train.meta
-        rec.update({"dataset": pair.dataset, "dataset_folder": pair.folder, "model": pair.model, "head": name,
-                    "tap": tap or "main", "protocol_name": protocol if isinstance(protocol, str) else "custom",
-                    "train_store": str(pair.train), "test_store": str(pair.test),
-                    "dataset_source": meta.get("dataset", {}).get("source"),
-                    "model_source": meta.get("model", {}).get("source_id"),
-                    "weights_fingerprint": meta.get("model", {}).get("fingerprint"),
-                    "pretrained_weights": meta.get("model", {}).get("pretrained_weights"),
-                    "extraction_protocol": meta.get("extraction", {}).get("protocol"),
-                    "test_balanced_accuracy": probe.balanced_accuracy(test), "test_top1": probe.top1(test),
-                    "n_test": len(test), "token_names": probe.token_names, "wall_seconds": time.perf_counter() - t0})
+        per_seed, probes, attention = [], [], []
+        for s in range(seed, seed + seeds):
+            t0 = time.perf_counter()
+            probe = fit(train, h, protocol=protocol, seed=s, device=device, progress=progress)
+            per_seed.append({**probe.record, "test_balanced_accuracy": probe.balanced_accuracy(test),
+                             "test_top1": probe.top1(test), "wall_seconds": time.perf_counter() - t0})
+            probes.append(probe)
+            if head_spec(h).has_attention and current_ranks().rank == 0:
+                attention.append(probe.attention(test))
+        rec = combine_seeds(per_seed)
+        rec.update(_provenance(pair, train, test, name, tap, protocol), token_names=probes[0].token_names)
         records.append(rec)
         if current_ranks().rank > 0:  # every rank holds the same result; rank 0 writes it
             continue
-        att = probe.attention(test) if head_spec(h).has_attention else None
-        path = write_result(out, pair.folder, pair.model, name, rec, att, probe.token_names)
-        probe.save(path.with_name(path.stem + "_probe"))
+        att = np.mean(attention, axis=0) if attention else None
+        path = write_result(out, pair.folder, pair.model, name, rec, att, probes[0].token_names)
+        for s, probe in zip(rec["seeds"], probes):
+            probe.save(path.with_name(path.stem + ("_probe" if s == seed else f"_probe_seed{s}")))
         if on_result:
             on_result(rec)
     return records
+
+
+def _provenance(pair: StorePair, train: FeatureSet, test: FeatureSet, name: str, tap, protocol) -> dict:
+    """Where a result's numbers come from: stores, dataset and model identity, protocols, chance, time."""
+    meta = train.meta
+    present = len(np.unique(test.labels[test.rows]))
+    return {"dataset": pair.dataset, "dataset_folder": pair.folder, "model": pair.model, "head": name,
+            "tap": tap or "main", "protocol_name": protocol if isinstance(protocol, str) else "custom",
+            "train_store": str(pair.train), "test_store": str(pair.test),
+            "dataset_source": meta.get("dataset", {}).get("source"),
+            "model_source": meta.get("model", {}).get("source_id"),
+            "weights_fingerprint": meta.get("model", {}).get("fingerprint"),
+            "pretrained_weights": meta.get("model", {}).get("pretrained_weights"),
+            "extraction_protocol": meta.get("extraction", {}).get("protocol"),
+            "n_test": len(test), "chance": 100.0 / present, "class_names": list(test.class_names),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -1,0 +1,111 @@
+"""One ALF training step (forward, backward, clipping, AdamW) in the factored single-query order (`forward`) against
+the textbook order (`forward_direct`: keys and values for every token, as the authors' module computes them), at
+the ViT-B and ViT-L shapes, alternated in one run; and the 21-configuration grid (3 lr x 7 wd) in one pass against
+21 textbook single-configuration steps. Targets: ViT-B >= 12x, ViT-L >= 14x, grid >= 20x.
+
+Multiply-adds per step (B samples, T tokens, width D, H heads, inner = H * e = 2D, C classes, g configurations):
+  factored forward   g * (2 B T D H   [logits; pooling]  + 2 B D inner [values; output projection] + B D C)
+  factored backward  the same products again for the weight gradients and about as many for the inputs of the
+                     value and output projections; no gradient reaches the (data) tokens:
+                     g * (2 B T D H + 4 B D inner + 2 B D C)
+  textbook forward   g * (2 B T D inner [keys, values per token] + 2 B T inner [scores, weighted sum]
+                          + B inner D + B D C)
+  textbook backward  g * (4 B T D inner [weight and input gradients of keys and values]
+                          + 4 B T inner + 2 B inner D + 2 B D C)
+A step's FLOPs are twice its multiply-adds; GFLOP/s = FLOPs / seconds.
+"""
+import argparse
+import time
+
+import torch
+
+from common import report
+from probes.attention import AttentionHead
+from probes.loss import weighted_cross_entropy
+from probes.optim import BatchedAdamW
+
+SHAPES = {"ViT-B": (512, 24, 768, 100), "ViT-L": (256, 48, 1024, 100)}
+
+
+def macs(kind: str, B: int, T: int, D: int, C: int, g: int = 1) -> float:
+    H, inner = T, 2 * D
+    if kind == "factored":
+        fwd = 2 * B * T * D * H + 2 * B * D * inner + B * D * C
+        bwd = 2 * B * T * D * H + 4 * B * D * inner + 2 * B * D * C
+    else:
+        fwd = 2 * B * T * D * inner + 2 * B * T * inner + B * inner * D + B * D * C
+        bwd = 4 * B * T * D * inner + 4 * B * T * inner + 2 * B * inner * D + 2 * B * D * C
+    return float(g * (fwd + bwd))
+
+
+def make_step(G: int, B: int, T: int, D: int, C: int, direct: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    head = AttentionHead(G, T, D, C, num_heads=T, dropout=torch.zeros(G)).train()
+    opt = BatchedAdamW(head.parameters(), torch.full((G,), 1e-3), torch.full((G,), 1e-4))
+    x, y = torch.randn(B, T, D), torch.randint(0, C, (B,))
+    w = torch.ones(C)
+    fwd = head.forward_direct if direct else head.forward
+    lr = torch.full((G,), 1e-3)
+
+    def step():
+        opt.zero_grad()
+        with torch.autograd.enforce_grad_layout_policy(False):
+            weighted_cross_entropy(fwd(x), y, w).sum().backward()
+        opt.gather_grads()
+        head.zero_cancelled_grads()
+        opt.clip_grad_norm(5.0)
+        opt.step(lr)
+
+    return step
+
+
+def timed(step, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(repeats: int = 3, rounds: int = 3, shapes=("ViT-B", "ViT-L"), grid: bool = True):
+    rows, facts = [], {"threads": torch.get_num_threads(), "repeats": repeats, "rounds": rounds}
+    for name in shapes:
+        B, T, D, C = SHAPES[name]
+        steps = {"factored": make_step(1, B, T, D, C, False), "textbook": make_step(1, B, T, D, C, True)}
+        for s in steps.values():
+            s()  # warm-up
+        best = {k: float("inf") for k in steps}
+        for _ in range(rounds):  # alternate, so a slow spell of the machine hits both
+            for k, s in steps.items():
+                best[k] = min(best[k], timed(s, repeats))
+        ratio = best["textbook"] / best["factored"]
+        facts[name] = {"B": B, "T": T, "D": D, "C": C, **{f"{k}_s": v for k, v in best.items()}}
+        rows += [(f"{name} B={B} T={T} D={D} C={C}: textbook s/step", f"{best['textbook']:.3f}",
+                  f"{2 * macs('textbook', B, T, D, C) / best['textbook'] / 1e9:.0f} GFLOP/s"),
+                 (f"{name}: factored s/step", f"{best['factored']:.3f}",
+                  f"{2 * macs('factored', B, T, D, C) / best['factored'] / 1e9:.0f} GFLOP/s"),
+                 (f"{name}: textbook / factored", f"{ratio:.1f}x",
+                  f"target >= {12 if name == 'ViT-B' else 14}x (FLOP ratio "
+                  f"{macs('textbook', B, T, D, C) / macs('factored', B, T, D, C):.1f}x)")]
+        if grid and name == "ViT-B":
+            g21 = make_step(21, B, T, D, C, False)
+            g21()
+            t_grid = min(timed(g21, 1) for _ in range(rounds))
+            t21 = 21 * best["textbook"]
+            facts["grid21_s"] = t_grid
+            rows += [(f"{name}: 21 configs in one pass s/step", f"{t_grid:.3f}",
+                      f"{2 * macs('factored', B, T, D, C, 21) / t_grid / 1e9:.0f} GFLOP/s; "
+                      f"{t_grid / best['factored']:.1f}x one factored config"),
+                     (f"{name}: 21 textbook runs / grid in one pass", f"{t21 / t_grid:.1f}x", "target >= 20x")]
+    report("alf_step", rows, facts)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shapes", default="ViT-B,ViT-L")
+    ap.add_argument("--no-grid", action="store_true")
+    a = ap.parse_args()
+    main(a.repeats, a.rounds, tuple(a.shapes.split(",")), not a.no_grid)
