@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 ALF := $(VENV)/bin/alf
 PYTEST_ARGS ?=
 
-.PHONY: install test demo reproduce reproduce-mini bench clean
+.PHONY: install test demo fetch reproduce reproduce-mini bench clean
 
 install:
 	python3 -m venv $(VENV)
@@ -27,12 +27,18 @@ demo:
 clean:
 	rm -rf $(DEMO) .pytest_cache
 
-# The paper's study: 9 models x 20 datasets, every head, the paper's grid; rerun to resume.
-# Narrow it with MODELS=vit-b,clip-l DATASETS=fer2013 HEADS=linear,alf (comma-separated).
-GRID ?= paper
+# Where there is internet (a login node): weights and datasets of the study into the Hugging Face cache
+# (HF_HOME / HF_HUB_CACHE); `make fetch CHECK=1` lists what is cached and what is missing.
+fetch:
+	$(ALF) fetch $(if $(MODELS),--model $(MODELS)) $(if $(DATASETS),--dataset $(DATASETS)) $(if $(CHECK),--check)
+
+# The paper's study: 9 models x 19 datasets, every head, the authors' protocol; rerun to resume.
+# Narrow it with MODELS=vit-b,clip-l DATASETS=fer2013 HEADS=linear,alf (comma-separated); SEEDS=3 for spread.
+PROTOCOL ?= paper
+SEEDS ?= 1
 ROOT ?= .
 reproduce:
-	$(ALF) reproduce --root $(ROOT) --grid $(GRID) $(if $(MODELS),--models $(MODELS)) \
+	$(ALF) reproduce --root $(ROOT) --protocol $(PROTOCOL) --seeds $(SEEDS) $(if $(MODELS),--models $(MODELS)) \
 		$(if $(DATASETS),--datasets $(DATASETS)) $(if $(HEADS),--heads $(HEADS))
 
 # Same pipeline and code on the embedded digits data with two small locally built (random-weight) models.
@@ -47,5 +53,5 @@ reproduce-mini:
 
 # Benchmarks: each prints ratios measured within one run (results also in benchmarks/results/*.json).
 bench:
-	cd benchmarks && for b in bench_extract bench_store bench_grid bench_sklearn bench_mmap bench_scaling bench_load; do \
+	cd benchmarks && for b in bench_cli bench_alf bench_extract bench_store bench_grid bench_sklearn bench_mmap bench_scaling bench_load; do \
 		../$(PY) $$b.py || exit 1; done

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from common import report
-from probes import FeatureSet, Grid
-from probes.train import HEADS, resolve_device, train_configs
+from probes import HEADS, FeatureSet, Protocol
+from probes.train import resolve_device, train_configs
 
 
 def main(n=4096, L=12, D=192, C=10, steps=150, batch=512):
@@ -15,8 +15,8 @@ def main(n=4096, L=12, D=192, C=10, steps=150, batch=512):
     y = rng.integers(0, C, n)
     x = rng.standard_normal((n, L, D)).astype(np.float32)
     fs = FeatureSet.from_arrays(cls=x, ap=x[:, ::-1].copy(), labels=y)
-    g = Grid(epochs=1, min_steps=steps, batch_size=batch)
-    grid21 = [c for c in g.configs("linear")]  # 3 lr x 7 wd
+    g = Protocol(epochs=1, min_steps=steps, batch_size=batch)
+    grid21 = g.configs(with_dropout=False)  # 3 lr x 7 wd
     assert len(grid21) == 21
     device = resolve_device(None)  # CUDA when there is one
     rows, facts = [], {"N": n, "L": L, "D": D, "steps": steps, "batch": batch, "threads": torch.get_num_threads(),
@@ -26,7 +26,8 @@ def main(n=4096, L=12, D=192, C=10, steps=150, batch=512):
         times = {}
         for label, cfgs in (("one", grid21[:1]), ("grid", grid21)):
             t = time.perf_counter()
-            train_configs(fs, fs.rows, spec, cfgs, g, seed=0, device=device, progress=False)
+            train_configs(fs, fs.rows, spec, spec.token_spec(g), cfgs, g, batch_size=batch, seed=0, device=device,
+                          progress=False)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[label] = time.perf_counter() - t

@@ -9,7 +9,7 @@ import numpy as np
 from common import report, rss_mb
 from alfcache.sinks import ZarrSink
 from probes import FeatureSet, TokenSpec
-from probes.train import BatchStream
+from probes.batches import BatchStream
 
 
 def make_store(path: Path, n=16384, L=12, D=512, rows=512) -> int:
@@ -37,11 +37,11 @@ def sample():
     while True:
         peak[0] = max(peak[0], proc.memory_info().rss); time.sleep(0.005)
 threading.Thread(target=sample, daemon=True).start()
-from probes import FeatureSet, Grid, fit
+from probes import FeatureSet, Protocol, fit
 fs = FeatureSet.open({store!r})
 base = proc.memory_info().rss / 2**20
 t = time.perf_counter()
-p = fit(fs, {head!r}, grid=Grid(lr=(1e-2,), wd=(1e-4,), dropout=(0.0,), epochs=1, min_steps=30, batch_size=1024),
+p = fit(fs, {head!r}, protocol=Protocol(val_noise=False, lr=(1e-2,), wd=(1e-4,), dropout=(0.0,), epochs=1, min_steps=30, batch_size=1024),
         progress=False, in_memory={in_memory})
 print(base, peak[0] / 2**20, time.perf_counter() - t, p.record['val_balanced_accuracy'])
 """

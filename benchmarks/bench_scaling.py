@@ -11,7 +11,7 @@ import torch
 from common import report
 from alfcache.backbones import build_random_model
 from alfcache.extract import ExtractConfig, extract
-from probes import FeatureSet, Grid, fit
+from probes import FeatureSet, Protocol, fit
 
 
 def _imagefolder(root: Path, n: int) -> Path:
@@ -33,7 +33,7 @@ def main(base_n=512):
     tmp = Path(tempfile.mkdtemp())
     model = build_random_model(tmp / "m", img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3)
     ns, ext_s, probe_s = [base_n, 2 * base_n, 4 * base_n], [], []
-    grid = Grid(lr=(1e-2,), wd=(1e-4,), dropout=(0.0,), epochs=10, min_steps=1, batch_size=256)
+    grid = Protocol(val_noise=False, lr=(1e-2,), wd=(1e-4,), dropout=(0.0,), epochs=10, min_steps=1, batch_size=256)
     for n in ns:
         folder = _imagefolder(tmp / f"img{n}", n)
         t = time.perf_counter()
@@ -42,7 +42,7 @@ def main(base_n=512):
         ext_s.append(time.perf_counter() - t)
         fs = FeatureSet.open(res[0].path)
         t = time.perf_counter()
-        fit(fs, "alf", grid=grid, progress=False)  # epochs fixed: steps grow with N
+        fit(fs, "alf", protocol=grid, progress=False)  # epochs fixed: steps grow with N
         probe_s.append(time.perf_counter() - t)
     depth_s = {}
     for depth in (12, 24):
@@ -53,7 +53,7 @@ def main(base_n=512):
         e = time.perf_counter() - t
         fs = FeatureSet.open(res[0].path)
         t = time.perf_counter()
-        fit(fs, "alf", grid=grid, progress=False)
+        fit(fs, "alf", protocol=grid, progress=False)
         depth_s[depth] = (e, time.perf_counter() - t)
     report("scaling", [
         ("extraction s at N = " + "/".join(map(str, ns)), "/".join(f"{s:.1f}" for s in ext_s), ""),

@@ -13,7 +13,7 @@ from sklearn.preprocessing import StandardScaler
 from common import report
 from alfcache.backbones import build_random_model
 from alfcache.extract import ExtractConfig, extract
-from probes import FeatureSet, Grid, TokenSpec, fit
+from probes import FeatureSet, Protocol, TokenSpec, fit
 
 
 def main(seeds=3):
@@ -34,11 +34,11 @@ def main(seeds=3):
     sk_acc = 100 * balanced_accuracy_score(yte, lr.predict(scaler.transform(xte)))
     # the paper's protocol (feature noise std .05 on L2-normalised tokens, p .5) and the same without noise:
     # LogisticRegression has no noise, so the second row is the like-for-like comparison
-    paper_one = Grid(lr=(1e-2,), wd=(1e-4,), dropout=(0.0,), epochs=40, min_steps=1000, batch_size=2048)
-    no_noise = Grid(lr=(1e-2,), wd=(1e-4,), dropout=(0.0,), epochs=40, min_steps=1000, batch_size=2048, noise_p=0.0)
+    paper_one = Protocol(val_noise=False, lr=(1e-2,), wd=(1e-4,), dropout=(0.0,), epochs=40, min_steps=1000, batch_size=2048)
+    no_noise = Protocol(val_noise=False, lr=(1e-2,), wd=(1e-4,), dropout=(0.0,), epochs=40, min_steps=1000, batch_size=2048, noise_p=0.0)
     for label, grid in (("paper protocol, 1 config", paper_one), ("no feature noise, 1 config", no_noise)):
         t = time.perf_counter()
-        probe = fit(train, "linear", grid=grid, progress=False)
+        probe = fit(train, "linear", protocol=grid, progress=False)
         ours_s = time.perf_counter() - t
         acc = probe.balanced_accuracy(test)
         rows += [(f"linear head, {label}: balanced acc", f"{acc:.2f}", f"sklearn LR: {sk_acc:.2f}"),
@@ -52,10 +52,10 @@ def main(seeds=3):
     # ours: the paper's 21-config lr x wd grid in one pass (no feature noise, as LR has none) + retrain;
     # sklearn: LogisticRegression over 7 values of C on the same kind of split + refit. On 1078 training images
     # the choice depends on the split (a few validation images decide it), so both run over several splits
-    grid, runs = Grid(noise_p=0.0), []
+    grid, runs = Protocol(val_noise=False, noise_p=0.0), []
     for seed in range(seeds):
         t = time.perf_counter()
-        probe = fit(train, "linear", grid=grid, progress=False, seed=seed)
+        probe = fit(train, "linear", protocol=grid, progress=False, seed=seed)
         ours_s = time.perf_counter() - t
         acc = probe.balanced_accuracy(test)
         t = time.perf_counter()

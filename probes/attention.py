@@ -17,9 +17,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Classifier, linear_init, replicate
+from .layers import Classifier, linear_init, replicate, rows
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default, as in the authors' module
+
+
+def token_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token mean and 1 / std of x (..., D), as LayerNorm computes them.
+
+    One pass (var = E[x^2] - mean^2, from two fast reductions; torch's var_mean kernel is several times slower on
+    CPU and the two-pass form writes a copy of x). Where the mean dominates the spread so much that float32 would
+    lose digits in that difference, the batch falls back to the two-pass form."""
+    D = x.shape[-1]
+    mu = x.mean(-1)
+    meansq = torch.linalg.vector_norm(x, dim=-1).square_().div_(D)
+    var = meansq - mu.square()
+    if bool((var < 1e-3 * meansq).any()):
+        var = torch.linalg.vector_norm(x - mu.unsqueeze(-1), dim=-1).square_().div_(D)
+    return mu, torch.rsqrt(var.clamp_(min=0) + eps)
 
 
 class AttentionHead(nn.Module):
@@ -48,43 +63,49 @@ class AttentionHead(nn.Module):
 
     # -- pieces shared by both orders of computation
     def _queries(self, sl: slice) -> torch.Tensor:
-        q_in = F.layer_norm(self.query[sl], (self.width,), eps=self.eps) * self.ln_q_weight[sl] + self.ln_q_bias[sl]
-        q = torch.einsum("gd,gde->ge", q_in, self.w_q[sl])
+        q_in = F.layer_norm(rows(self.query, sl), (self.width,), eps=self.eps) * rows(self.ln_q_weight, sl) + rows(self.ln_q_bias, sl)
+        q = torch.einsum("gd,gde->ge", q_in, rows(self.w_q, sl))
         return q.view(q.shape[0], self.num_heads, self.head_dim)  # (G, H, hd)
 
     def _output(self, v: torch.Tensor, sl: slice) -> torch.Tensor:
         g, B = v.shape[:2]
-        out = torch.baddbmm(self.proj_bias[sl].unsqueeze(1), v.reshape(g, B, self.inner), self.proj_weight[sl])
+        out = torch.baddbmm(rows(self.proj_bias, sl).unsqueeze(1), v.reshape(g, B, self.inner), rows(self.proj_weight, sl))
         return self.classifier(out, sl)
 
     def forward(self, x: torch.Tensor, sl: slice = slice(None), draws=None) -> torch.Tensor:
-        """Factored single-query attention: never forms per-token keys or values. x (B, T, D).
+        """Factored single-query attention: never forms per-token keys or values, nor the normalised tokens.
+        x (B, T, D).
 
-        The logits of all configurations and heads come from one matrix product as (B, T, g*H), the softmax runs
-        over T, the pooling is one batched product per sample and the value projection one per (configuration,
-        head), reading the pooled vectors in place. `draws` (B, H, T): uniform numbers shared by every
-        configuration; a weight is dropped where its draw is below that configuration's dropout rate."""
+        With xhat_t = (x_t - mu_t) r_t the affine-free LayerNorm of token t (mean mu_t, r_t = 1 / std), every use
+        of xhat is rewritten on x plus per-token scalars: the logits xhat_t . u = r_t (x_t . u - mu_t sum(u)), and
+        the pooled vector sum_t a_t xhat_t = sum_t (a_t r_t) x_t - (sum_t a_t r_t mu_t) 1. The logits of all
+        configurations and heads are one matrix product (B, T, g*H), the softmax runs over T, the pooling is one
+        batched product per sample and the value projection one per (configuration, head). `draws` (B, H, T):
+        uniform numbers shared by every configuration; a weight is dropped where its draw is below that
+        configuration's dropout rate."""
         B, T, D = x.shape
         H, e = self.num_heads, self.head_dim
-        xhat = F.layer_norm(x, (D,), eps=self.eps)  # shared by every configuration
+        mu, r = token_stats(x, self.eps)  # (B, T): shared by every configuration
         q = self._queries(sl)
         g = q.shape[0]
-        wk = self.w_k[sl].view(g, D, H, e)
-        u = torch.einsum("gdhe,ghe->ghd", wk, q) * self.ln_k_weight[sl].unsqueeze(1) / math.sqrt(e)
-        logits = torch.matmul(xhat, u.reshape(g * H, D).t())  # (B, T, gH); + per-head constants, which cancel
+        wk = rows(self.w_k, sl).view(g, D, H, e)
+        u = (torch.einsum("gdhe,ghe->ghd", wk, q) * rows(self.ln_k_weight, sl).unsqueeze(1) / math.sqrt(e)).reshape(g * H, D)
+        logits = (torch.matmul(x, u.t()) - mu.unsqueeze(-1) * u.sum(1)) * r.unsqueeze(-1)  # (B, T, gH) + constants
         a = logits.softmax(dim=1)
         self._last_attention = a.detach().view(B, T, g, H).permute(2, 0, 3, 1)  # (g, B, H, T) view
         if self.training and draws is not None:
             p = self.dropout[sl].view(1, 1, g, 1)
             keep = (draws.transpose(1, 2).unsqueeze(2) >= p).to(a.dtype)
             a = (a.view(B, T, g, H) * keep / (1 - p)).view(B, T, g * H)
-        pooled = torch.bmm(a.transpose(1, 2), xhat)  # (B, gH, D)
-        # ((sum_t a xhat) * g_v + (sum_t a) b_v) W_v = pooled (g_v W_v) + (sum_t a) (b_v W_v): fold the LN affine
-        wv = self.w_v[sl].view(g, D, H, e)
-        wv_g = (self.ln_v_weight[sl].view(g, D, 1, 1) * wv).permute(0, 2, 1, 3).reshape(g * H, D, e)
+        w = a * r.unsqueeze(-1)  # (B, T, gH)
+        pooled = torch.bmm(w.transpose(1, 2), x)  # (B, gH, D): sum_t a_t r_t x_t
+        shift = (w * mu.unsqueeze(-1)).sum(1)  # (B, gH): sum_t a_t r_t mu_t
+        # ((sum_t a xhat) * g_v + (sum_t a) b_v) W_v = pooled (g_v W_v) - shift 1 (g_v W_v) + (sum_t a) (b_v W_v)
+        wv = rows(self.w_v, sl).view(g, D, H, e)
+        wv_g = (rows(self.ln_v_weight, sl).view(g, D, 1, 1) * wv).permute(0, 2, 1, 3).reshape(g * H, D, e)
         v = torch.bmm(pooled.transpose(0, 1), wv_g)  # (gH, B, e)
-        bv = torch.einsum("gd,gdhe->ghe", self.ln_v_bias[sl], wv).reshape(g * H, 1, e)
-        v = v + a.sum(1).t().unsqueeze(-1) * bv  # sum_t a is 1 unless attention dropout removed some
+        bv = torch.einsum("gd,gdhe->ghe", rows(self.ln_v_bias, sl), wv).reshape(g * H, 1, e)
+        v = v - shift.t().unsqueeze(-1) * wv_g.sum(1).unsqueeze(1) + a.sum(1).t().unsqueeze(-1) * bv
         return self._output(v.view(g, H, B, e).permute(0, 2, 1, 3), sl)
 
     def forward_direct(self, x: torch.Tensor, sl: slice = slice(None), draws=None) -> torch.Tensor:
@@ -92,10 +113,10 @@ class AttentionHead(nn.Module):
         q = self._queries(sl)
         g, (B, T, _) = q.shape[0], x.shape
         xhat = F.layer_norm(x, (self.width,), eps=self.eps)
-        k_in = xhat.unsqueeze(0) * self.ln_k_weight[sl].view(g, 1, 1, -1) + self.ln_k_bias[sl].view(g, 1, 1, -1)
-        v_in = xhat.unsqueeze(0) * self.ln_v_weight[sl].view(g, 1, 1, -1) + self.ln_v_bias[sl].view(g, 1, 1, -1)
-        k = torch.einsum("gbtd,gde->gbte", k_in, self.w_k[sl]).view(g, B, T, self.num_heads, self.head_dim)
-        v = torch.einsum("gbtd,gde->gbte", v_in, self.w_v[sl]).view(g, B, T, self.num_heads, self.head_dim)
+        k_in = xhat.unsqueeze(0) * rows(self.ln_k_weight, sl).view(g, 1, 1, -1) + rows(self.ln_k_bias, sl).view(g, 1, 1, -1)
+        v_in = xhat.unsqueeze(0) * rows(self.ln_v_weight, sl).view(g, 1, 1, -1) + rows(self.ln_v_bias, sl).view(g, 1, 1, -1)
+        k = torch.einsum("gbtd,gde->gbte", k_in, rows(self.w_k, sl)).view(g, B, T, self.num_heads, self.head_dim)
+        v = torch.einsum("gbtd,gde->gbte", v_in, rows(self.w_v, sl)).view(g, B, T, self.num_heads, self.head_dim)
         logits = torch.einsum("gbthe,ghe->gbht", k, q) / math.sqrt(self.head_dim)
         a = logits.softmax(dim=-1)
         self._last_attention = a.detach()

@@ -24,6 +24,28 @@ from .selection import TokenSpec
 log = logging.getLogger(__name__)
 
 
+_ALLOCATOR_SET = False
+
+
+def keep_freed_memory() -> None:
+    """Let this process keep the large blocks it frees (glibc: no mmap for them, no trimming), so a training step's
+    temporaries reuse memory already touched. Otherwise every step's fresh tensors are page-faulted in again, which
+    on some machines costs more than the arithmetic (a fresh 37 MB product: 32 ms vs 8 ms measured here). Peak
+    memory is unchanged; memory is returned to the system when the process ends."""
+    global _ALLOCATOR_SET
+    if _ALLOCATOR_SET:
+        return
+    _ALLOCATOR_SET = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GB come from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,6 +70,7 @@ def train_configs(fs, rows: np.ndarray, head: Head, tokens: TokenSpec, configs: 
                   batch_size: int, seed: int, device: torch.device, progress: bool = True, desc: str = "",
                   in_memory: bool | None = None, group_size: int | None = None):
     """Train len(configs) heads in one pass over the same batches. Returns (module, steps)."""
+    keep_freed_memory()
     C = len(fs.class_names)
     layout = fs.layout(tokens)
     G = len(configs)
