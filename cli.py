@@ -439,7 +439,7 @@ def _click_exceptions():
 def main() -> None:
     exc = _click_exceptions()
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns (does not raise) a typer.Exit's code in this mode
     except ERRORS as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         sys.exit(2)
@@ -463,6 +463,8 @@ def main() -> None:
         where = f" '{e.filename}'" if e.filename else ""
         typer.secho(f"error: {e.strerror or type(e).__name__}{where}", err=True, fg=typer.colors.RED)
         sys.exit(2)
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -206,3 +206,20 @@ def test_offline_empty_cache_fails_fast_in_one_line(tmp_path):
     assert "timm/vit_large_patch14_clip_224.openai" in p.stderr and "alf fetch --model clip-l" in p.stderr
     assert time.time() - t0 < 20
     assert not (tmp_path / "f").exists()
+
+
+def test_fetch_check_reports_cached_and_missing_offline(hub):
+    """`alf fetch --check` on a compute node: what the login node put in the cache is complete, the rest is named
+    as missing (size unknown without the hub) and the exit status says something is missing."""
+    p = run_alf("fetch", "--check", "--model", "vit-s,clip-b32,vit-l", "--dataset", "dtd,fer2013", env=hub["env"])
+    assert p.returncode == 1, p.stderr
+    rows = {line.split()[1]: line for line in p.stdout.splitlines() if line.startswith(("model", "dataset"))}
+    assert set(rows) == {"vit-s", "clip-b32", "vit-l", "dtd", "fer2013"}
+    for name in ("vit-s", "clip-b32", "dtd"):
+        assert rows[name].rstrip().endswith("ok"), rows[name]
+    for name in ("vit-l", "fer2013"):
+        assert "MISSING" in rows[name] and "unknown (hub unreachable)" in rows[name], rows[name]
+    assert "timm/vit_large_patch16_224.augreg_in21k_ft_in1k" in rows["vit-l"]
+    assert "3 of 5 complete; missing: 2" in p.stdout
+    done = run_alf("fetch", "--check", "--model", "vit-s", "--dataset", "dtd", env=hub["env"])
+    assert done.returncode == 0 and "1 of" not in done.stdout and "2 of 2 complete" in done.stdout, done.stdout
