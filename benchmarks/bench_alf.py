@@ -47,14 +47,14 @@ def group_size(G: int, B: int, T: int, D: int) -> int:
     return _group_size(HEADS["alf"], G, B, layout)
 
 
-def make_step(G: int, B: int, T: int, D: int, C: int, direct: bool, seed: int = 0):
+def make_step(G: int, B: int, T: int, D: int, C: int, direct: bool, seed: int = 0, device: str = "cpu"):
     torch.manual_seed(seed)
-    head = AttentionHead(G, T, D, C, num_heads=T, dropout=torch.zeros(G)).train()
-    opt = BatchedAdamW(head.parameters(), torch.full((G,), 1e-3), torch.full((G,), 1e-4))
-    x, y = torch.randn(B, T, D), torch.randint(0, C, (B,))
-    w = torch.ones(C)
+    head = AttentionHead(G, T, D, C, num_heads=T, dropout=torch.zeros(G)).train().to(device)
+    opt = BatchedAdamW(head.parameters(), torch.full((G,), 1e-3, device=device), torch.full((G,), 1e-4, device=device))
+    x, y = torch.randn(B, T, D, device=device), torch.randint(0, C, (B,), device=device)
+    w = torch.ones(C, device=device)
     fwd = head.forward_direct if direct else head.forward
-    lr = torch.full((G,), 1e-3)
+    lr = torch.full((G,), 1e-3, device=device)
 
     gs = group_size(G, B, T, D)
     groups = [slice(s, min(G, s + gs)) for s in range(0, G, gs)]
@@ -68,6 +68,8 @@ def make_step(G: int, B: int, T: int, D: int, C: int, direct: bool, seed: int = 
         head.zero_cancelled_grads()
         opt.clip_grad_norm(5.0)
         opt.step(lr)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
 
     keep_freed_memory()
     return step
@@ -82,11 +84,12 @@ def timed(step, repeats: int) -> float:
     return best
 
 
-def main(repeats: int = 3, rounds: int = 3, shapes=("ViT-B", "ViT-L"), grid: bool = True):
-    rows, facts = [], {"threads": torch.get_num_threads(), "repeats": repeats, "rounds": rounds}
+def main(repeats: int = 3, rounds: int = 3, shapes=("ViT-B", "ViT-L"), grid: bool = True, device: str = "cpu"):
+    rows, facts = [], {"threads": torch.get_num_threads(), "repeats": repeats, "rounds": rounds, "device": device}
     for name in shapes:
         B, T, D, C = SHAPES[name]
-        steps = {"factored": make_step(1, B, T, D, C, False), "textbook": make_step(1, B, T, D, C, True)}
+        steps = {"factored": make_step(1, B, T, D, C, False, device=device),
+                 "textbook": make_step(1, B, T, D, C, True, device=device)}
         for s in steps.values():
             s()  # warm-up
         best = {k: float("inf") for k in steps}
@@ -103,7 +106,7 @@ def main(repeats: int = 3, rounds: int = 3, shapes=("ViT-B", "ViT-L"), grid: boo
                   f"target >= {12 if name == 'ViT-B' else 14}x (FLOP ratio "
                   f"{macs('textbook', B, T, D, C) / macs('factored', B, T, D, C):.1f}x)")]
         if grid and name == "ViT-B":
-            g21 = make_step(21, B, T, D, C, False)
+            g21 = make_step(21, B, T, D, C, False, device=device)
             g21()
             t_grid = min(timed(g21, 1) for _ in range(rounds))
             t21 = 21 * best["textbook"]
@@ -112,7 +115,7 @@ def main(repeats: int = 3, rounds: int = 3, shapes=("ViT-B", "ViT-L"), grid: boo
                       f"{2 * macs('factored', B, T, D, C, 21) / t_grid / 1e9:.0f} GFLOP/s; "
                       f"{t_grid / best['factored']:.1f}x one factored config; groups of {group_size(21, B, T, D)}"),
                      (f"{name}: 21 textbook runs / grid in one pass", f"{t21 / t_grid:.1f}x", "target >= 20x")]
-    report("alf_step", rows, facts)
+    report("alf_step" if device == "cpu" else f"alf_step_{torch.device(device).type}", rows, facts)
 
 
 if __name__ == "__main__":
@@ -121,5 +124,6 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shapes", default="ViT-B,ViT-L")
     ap.add_argument("--no-grid", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (the GPU run: benchmarks/gpu.sh)")
     a = ap.parse_args()
-    main(a.repeats, a.rounds, tuple(a.shapes.split(",")), not a.no_grid)
+    main(a.repeats, a.rounds, tuple(a.shapes.split(",")), not a.no_grid, a.device)
