@@ -79,7 +79,8 @@ def test_probe_grid_spread_over_two_ranks_equals_one_process(digits_stores, tmp_
     two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     assert "[rank 0/2: 2]" in two.stderr and "[rank 1/2: 2]" in two.stderr  # the quick linear grid is 4 configs
-    assert two.stdout.count("test balanced acc") == 2  # rank 0 reports; rank 1 only trains
+    assert two.stdout.count(": test balanced acc") == 2  # rank 0 reports each head once; rank 1 only trains
+    assert two.stdout.count("# Probe results") == 1  # and prints the summary table once
     for head in ("linear", "alf"):
         a, b = (json.loads(next((tmp_path / d).rglob(f"{head}.json")).read_text()) for d in ("one", "two"))
         assert b["ranks"] == 2 and a["ranks"] == 1

@@ -150,13 +150,13 @@ def test_result_files_are_whole_and_damaged_ones_redone(tmp_path, caplog):
     rec = {"dataset": "d", "model": "m", "head": "linear", "test_balanced_accuracy": 50.0, "chosen": {},
            "protocol_name": "quick", "seed": 0}
     path = write_result(tmp_path, "d", "m", "linear", rec)
-    assert study.result_done(path.parent, "linear", "quick", 0)
+    assert study.result_done(path.parent, "linear", "quick", [0])
     assert not list(tmp_path.rglob(".*tmp*"))  # no temporary files left behind
     path.write_text("")  # a kill between truncate and write, as the old in-place writes allowed
     with caplog.at_level("WARNING"):
         assert collect(tmp_path) == []
     assert "damaged" in caplog.text and str(path) in caplog.text
-    assert not study.result_done(path.parent, "linear", "quick", 0)  # reproduce redoes it
+    assert not study.result_done(path.parent, "linear", "quick", [0])  # reproduce redoes it
     csv_path, md, rows = write_summary(tmp_path)
     assert rows == [] and csv_path.read_text().startswith("dataset,")
 
