@@ -196,6 +196,7 @@ def test_dinov2_hub_interpolation_differs_from_timm_resampling(hub):
     assert not torch.allclose(hub_style, timm_style, atol=1e-3)
 
 
+@pytest.mark.serial  # a wall-clock limit: run after the parallel part, on an otherwise idle machine
 def test_offline_empty_cache_fails_fast_in_one_line(tmp_path):
     import time
 

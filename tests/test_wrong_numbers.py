@@ -222,11 +222,9 @@ def test_truncated_manifest_and_garbage_lock(tiny_model, tmp_path):
     (("nosuchcommand",), ["No such command"]),
 ])
 def test_bad_arguments_are_one_line_before_any_work(args, needles):
-    import time
-
-    t0 = time.time()
+    """Refused before any model, dataset or store is touched: offline, `vit-b` has no cached weights and there is
+    no ./features, so any work done first would have ended in that error instead of the one about the argument."""
     one_line_error(run_alf(*args), *needles)
-    assert time.time() - t0 < 10  # refused before any model, dataset or store is touched
 
 
 def test_probe_checks_heads_before_verifying(digits_stores, tmp_path):
