@@ -58,15 +58,18 @@ def test_cka_detects_planted_linear_relation():
 
 
 def test_reproduce_mini_end_to_end(tmp_path):
-    """`make reproduce-mini`: two local models x digits, four heads, report with resolving links; rerun is a no-op."""
+    """`make reproduce-mini`: two local models x digits, report with resolving links; rerun is a no-op. Two of its
+    four heads (the linear and the ALF kind; the others are the same code with other token selections) keep the
+    suite short."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    make = ["make", "-C", str(ROOT), "reproduce-mini", f"MINI={tmp_path}", f"ALF={sys.executable} {ROOT / 'cli.py'}"]
+    make = ["make", "-C", str(ROOT), "reproduce-mini", f"MINI={tmp_path}", f"ALF={sys.executable} {ROOT / 'cli.py'}",
+            "HEADS=linear,alf"]
     p = subprocess.run(make, capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "plan: 2 models x 1 datasets" in p.stdout
     rows = list(csv.DictReader(open(tmp_path / "reports" / "tables" / "means_vs_paper.csv")))
     assert sorted((r["model"], r["head"]) for r in rows) == sorted(
-        (m, h) for m in ("local-tiny-a", "local-tiny-b") for h in ("linear", "linear-clsap", "concat", "alf"))
+        (m, h) for m in ("local-tiny-a", "local-tiny-b") for h in ("linear", "alf"))
     index = tmp_path / "reports" / "index.md"
     links = re.findall(r"\]\(([^)]+)\)", index.read_text())
     assert len(links) >= 10 and all((index.parent / l).is_file() for l in links)
@@ -83,10 +86,10 @@ def test_reproduce_mini_end_to_end(tmp_path):
     # idempotent: a rerun skips extraction and every finished head
     p2 = subprocess.run(make, capture_output=True, text=True, env=env, timeout=900)
     assert p2.returncode == 0
-    assert p2.stdout.count("skipped") == 4 and p2.stdout.count("4 of 4 heads done") == 2
-    assert "running" not in p2.stdout and "done: 0 heads trained now, 8 results" in p2.stdout
+    assert p2.stdout.count("skipped") == 4 and p2.stdout.count("2 of 2 heads done") == 2
+    assert "running" not in p2.stdout and "done: 0 heads trained now, 4 results" in p2.stdout
     # the first run printed one result line per head, as `alf probe` does
-    assert p.stdout.count("test balanced acc") == 8
+    assert p.stdout.count(": test balanced acc") == 4
 
 
 def test_reproduce_says_upfront_what_it_cannot_reach(tmp_path):
