@@ -69,6 +69,24 @@ class LinearProbe(Head):
 
 
 @dataclass(frozen=True)
+class StandardisedLinearProbe(LinearProbe):
+    """BatchNorm1d -> Linear on the selected tokens, as the paper's text describes its linear probes (the authors'
+    code, and so `linear`, has none: docs/REPRODUCING.md P2). Not one of the paper's heads."""
+
+    kind: ClassVar[str] = "linear-bn"
+
+    def build(self, G, layout, num_classes, dropout, token_index=None):
+        import torch
+
+        from .layers import StandardisedLinearHead
+
+        return StandardisedLinearHead(G, torch.from_numpy(layout.valid), num_classes)
+
+    def activation_bytes(self, B, layout):
+        return B * len(layout.valid) * 4 * 4
+
+
+@dataclass(frozen=True)
 class PerTokenProbe(Head):
     """One linear probe per token: configuration g reads token `token_index[g]` (per-layer sweeps)."""
 
@@ -126,11 +144,13 @@ class AllTokensProbe(AttentionProbe):
         return replace(self.tokens, normalise=protocol.all_tokens_normalise)
 
 
-HEAD_KINDS = {cls.__name__: cls for cls in (LinearProbe, PerTokenProbe, AttentionProbe, AllTokensProbe)}
+HEAD_KINDS = {cls.__name__: cls for cls in (LinearProbe, StandardisedLinearProbe, PerTokenProbe, AttentionProbe,
+                                            AllTokensProbe)}
 
 HEADS: dict[str, Head] = {h.name: h for h in [
     LinearProbe("linear", TokenSpec("last", "cls")),
     LinearProbe("linear-clsap", TokenSpec("last", "cls+ap")),
+    StandardisedLinearProbe("linear-bn", TokenSpec("last", "cls")),
     LinearProbe("concat", TokenSpec("all", "cls+ap")),
     LinearProbe("concat:middle+last", TokenSpec("middle+last", "cls+ap")),
     LinearProbe("concat:quarterly", TokenSpec("quarterly", "cls+ap")),

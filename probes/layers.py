@@ -124,6 +124,26 @@ class LinearHead(nn.Module):
         return self.linear.shared(flat, sl)
 
 
+class StandardisedLinearHead(nn.Module):
+    """The real columns of the T selected tokens, concatenated -> BatchNorm1d -> Linear (the paper's prose for its
+    linear probes; the authors' code has no BatchNorm). The BatchNorm makes the probe independent of the features'
+    scale: L2-normalised tokens of a wide model have a per-dimension spread of ~0.01-0.04."""
+
+    def __init__(self, G: int, valid: torch.Tensor, num_classes: int):
+        super().__init__()
+        self.register_buffer("valid", valid.long().clone(), persistent=False)  # from the layout on load
+        self.G, self.num_classes = G, num_classes
+        self.classifier = Classifier(G, len(valid), num_classes)
+
+    def forward(self, x: torch.Tensor, sl: slice = slice(None), draws=None) -> torch.Tensor:
+        """x (B, T, W) shared by all configurations -> logits (g, B, C)."""
+        flat = x.reshape(x.shape[0], -1)
+        if len(self.valid) != flat.shape[1]:
+            flat = flat.index_select(1, self.valid)
+        g = len(range(self.G)[sl])
+        return self.classifier(flat.unsqueeze(0).expand(g, -1, -1), sl)
+
+
 class PerTokenLinearHead(nn.Module):
     """Configuration g reads only token `token_index[g]` (its real columns) -> Linear (per-layer probes)."""
 
@@ -150,5 +170,5 @@ def count_parameters(head: nn.Module, per_config: bool = True) -> int:
     return sum(p[0].numel() for p in params)
 
 
-__all__ = ["BatchedBatchNorm", "BatchedLinear", "Classifier", "LinearHead", "PerTokenLinearHead", "count_parameters",
-           "linear_init", "replicate"]
+__all__ = ["BatchedBatchNorm", "BatchedLinear", "Classifier", "LinearHead", "StandardisedLinearHead",
+           "PerTokenLinearHead", "count_parameters", "linear_init", "replicate"]

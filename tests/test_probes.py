@@ -286,3 +286,22 @@ def test_layer_and_kind_override(planted_sets, tmp_path):
     back = FittedProbe.load(tmp_path / "custom")
     assert back.token_names == p.token_names
     np.testing.assert_allclose(back.logits(test), p.logits(test), rtol=1e-5, atol=1e-5)
+
+
+def test_standardised_linear_head_does_not_depend_on_a_common_component():
+    """Tokens dominated by one direction shared by every image (1000x the class signal, as a random or poorly
+    conditioned model gives): after L2 normalisation the class signal is ~3e-4 per dimension. The plain `linear`
+    head (the authors' nn.Linear) cannot reach it in the grid's steps; `linear-bn` (BatchNorm -> Linear, the
+    paper's prose) standardises it away and separates the classes."""
+    rng = np.random.default_rng(0)
+    n, D, K = 900, 32, 3
+    y = np.arange(n) % K
+    common = rng.standard_normal(D)
+    x = (1000 * common / np.linalg.norm(common) + 0.3 * np.eye(D)[y] + 0.15 * rng.standard_normal((n, D)))
+    cls = x[:, None, :].astype(np.float32)
+    train, test = (FeatureSet.from_arrays(cls=cls[r], labels=y[r]) for r in (slice(0, 600), slice(600, None)))
+    grid = {"base": "quick", "noise_p": 0.0}
+    plain, bn = (fit(train, h, protocol=grid, progress=False) for h in ("linear", "linear-bn"))
+    acc_plain, acc_bn = plain.balanced_accuracy(test), bn.balanced_accuracy(test)
+    assert acc_bn >= 75 and acc_bn - acc_plain >= 30, (acc_plain, acc_bn)
+    assert count_parameters(bn.module) == count_parameters(plain.module) + 2 * D  # + BatchNorm weight and bias
