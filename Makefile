@@ -58,5 +58,5 @@ reproduce-mini:
 
 # Benchmarks: each prints ratios measured within one run (results also in benchmarks/results/*.json).
 bench:
-	cd benchmarks && for b in bench_cli bench_alf bench_extract bench_store bench_grid bench_sklearn bench_mmap bench_scaling bench_load; do \
+	cd benchmarks && for b in bench_cli bench_offline bench_alf bench_extract bench_store bench_grid bench_sklearn bench_mmap bench_scaling bench_load; do \
 		../$(PY) $$b.py || exit 1; done
