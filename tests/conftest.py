@@ -8,6 +8,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: hub ids must fail fast and clearly
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest process per core: one compute thread each (inherited by the `alf` subprocesses)
+    # instead of every process spinning a thread per core on cores the others use
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 
 
 def run_alf(*args, env=None, check=False, timeout=300, cwd=None):
