@@ -75,7 +75,8 @@ def test_probe_grid_spread_over_two_ranks_equals_one_process(digits_stores, tmp_
     """`alf probe --distributed` under torchrun: each rank trains half of the grid, scores are gathered, the
     same configuration wins and only rank 0 writes. Every configuration sees the same batches, noise and draws
     as in the one-process run; its score equals that run's up to floating-point rounding (a rank's batched
-    matrices have other shapes), which training at lr 0.1 can amplify by a few validation images."""
+    matrices have other shapes), which training at lr 0.1 can amplify by a few validation images (measured: up to
+    8 of ~270 with one thread per process); at lr 0.01 the scores are equal."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     root = digits_stores["train"].parents[2]
     base = ["probe", "--head", "linear,alf", "--grid", "quick", "--store-root", str(root), "--no-verify"]
@@ -94,6 +95,9 @@ def test_probe_grid_spread_over_two_ranks_equals_one_process(digits_stores, tmp_
         assert b["ranks"] == 2 and a["ranks"] == 1
         assert b["chosen"] == a["chosen"]
         va, vb = (np.array([r["val_balanced_accuracy"] for r in x["grid_results"]]) for x in (a, b))
-        assert np.abs(va - vb).max() < 2.0 and (np.abs(va - vb) < 1e-6).mean() >= 0.5, (va, vb)
+        fast = np.array([r["lr"] >= 0.1 for r in a["grid_results"]])
+        assert [r["lr"] for r in a["grid_results"]] == [r["lr"] for r in b["grid_results"]]
+        assert (np.abs(va - vb)[~fast] < 1e-6).all(), (va, vb)  # rounding does not move these scores
+        assert (np.abs(va - vb)[fast] < 5.0).all(), (va, vb)  # at lr 0.1: a few of ~270 validation images
         assert abs(b["test_balanced_accuracy"] - a["test_balanced_accuracy"]) < 1e-6  # the winner retrained alike
     assert len(list((tmp_path / "two").rglob("*.json"))) == len(list((tmp_path / "one").rglob("*.json")))
