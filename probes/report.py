@@ -84,17 +84,21 @@ def layer_report(rows: list[dict], out_dir: Path, title: str, prov: dict | None 
     plt = _plt()
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     drawn = {}
-    for kind, marker, color in (("cls", "o", "tab:blue"), ("ap", "s", "tab:orange")):
+    # distinct styles, so that equal curves stay visible: CLS solid with large open circles under AP dashed with
+    # small filled squares
+    styles = {"cls": dict(marker="o", color="tab:blue", linestyle="-", markersize=9, markerfacecolor="none", zorder=3),
+              "ap": dict(marker="s", color="tab:orange", linestyle="--", markersize=4, zorder=4)}
+    for kind in ("cls", "ap"):
         sel = [r for r in rows if r["kind"] == kind]
         if not sel:
             continue
         x = np.array([r["layer_index"] for r in sel])
         m = np.array([r["test_balanced_accuracy"] for r in sel])
         sd = np.array([r["test_balanced_accuracy_std"] for r in sel])
-        ax.plot(x, m, marker=marker, color=color, label=f"{kind.upper()} token")
+        ax.plot(x, m, label=f"{kind.upper()} token", **styles[kind])
         if n_seeds > 1:
-            ax.fill_between(x, m - sd, m + sd, color=color, alpha=0.2, linewidth=0)
-        ax2.plot(x, [r[cka_key] for r in sel], marker=marker, linestyle="--", color=color, label=f"{kind.upper()} token")
+            ax.fill_between(x, m - sd, m + sd, color=styles[kind]["color"], alpha=0.2, linewidth=0)
+        ax2.plot(x, [r[cka_key] for r in sel], label=f"{kind.upper()} token", **styles[kind])
         drawn[kind] = {"mean": m.round(3).tolist(), "std": sd.round(3).tolist()}
     ax.axhline(chance, color="grey", linestyle=":", linewidth=1.2, label=f"chance ({chance:.1f}%)")
     ticks, labels = _layer_ticks(rows)
