@@ -219,6 +219,8 @@ def test_truncated_manifest_and_garbage_lock(tiny_model, tmp_path):
     (("report", "--cka", "cosine"), ["--cka"]),
     (("fetch", "--model", "vit-q"), ["unknown model 'vit-q'"]),
     (("build-random-model", "x", "--embed-dim", "30", "--num-heads", "4"), ["--embed-dim"]),
+    (("build-random-model", "x", "--arch", "a,,b"), ["unknown timm architecture 'a,,b'"]),
+    (("build-random-model", "x", "--arch", "resnet50"), ["--arch 'resnet50' is not a timm VisionTransformer"]),
     (("nosuchcommand",), ["No such command"]),
 ])
 def test_bad_arguments_are_one_line_before_any_work(args, needles):
