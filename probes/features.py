@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alfcache import format as store_format
+import alfcache.format as store_format
 from alfcache.format import (PAIR_KEYS, StoreError, check_labels, get, missing_chunks, open_arrays, read_metadata,
                              verify_store)  # noqa: F401  (verify_store: re-exported for probe users)
 
