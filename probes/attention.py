@@ -18,23 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Classifier, linear_init, replicate, rows
+from .pool import attention_pool
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default, as in the authors' module
-
-
-def token_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token mean and 1 / std of x (..., D), as LayerNorm computes them.
-
-    One pass (var = E[x^2] - mean^2, from two fast reductions; torch's var_mean kernel is several times slower on
-    CPU and the two-pass form writes a copy of x). Where the mean dominates the spread so much that float32 would
-    lose digits in that difference, the batch falls back to the two-pass form."""
-    D = x.shape[-1]
-    mu = x.mean(-1)
-    meansq = torch.linalg.vector_norm(x, dim=-1).square_().div_(D)
-    var = meansq - mu.square()
-    if bool((var < 1e-3 * meansq).any()):
-        var = torch.linalg.vector_norm(x - mu.unsqueeze(-1), dim=-1).square_().div_(D)
-    return mu, torch.rsqrt(var.clamp_(min=0) + eps)
 
 
 class AttentionHead(nn.Module):
@@ -68,6 +54,7 @@ class AttentionHead(nn.Module):
         return q.view(q.shape[0], self.num_heads, self.head_dim)  # (G, H, hd)
 
     def _output(self, v: torch.Tensor, sl: slice) -> torch.Tensor:
+        """v (g, B, H, e) or (g, B, H * e) -> output projection -> classifier."""
         g, B = v.shape[:2]
         out = torch.baddbmm(rows(self.proj_bias, sl).unsqueeze(1), v.reshape(g, B, self.inner), rows(self.proj_weight, sl))
         return self.classifier(out, sl)
@@ -78,35 +65,23 @@ class AttentionHead(nn.Module):
 
         With xhat_t = (x_t - mu_t) r_t the affine-free LayerNorm of token t (mean mu_t, r_t = 1 / std), every use
         of xhat is rewritten on x plus per-token scalars: the logits xhat_t . u = r_t (x_t . u - mu_t sum(u)), and
-        the pooled vector sum_t a_t xhat_t = sum_t (a_t r_t) x_t - (sum_t a_t r_t mu_t) 1. The logits of all
-        configurations and heads are one matrix product (B, T, g*H), the softmax runs over T, the pooling is one
-        batched product per sample and the value projection one per (configuration, head). `draws` (B, H, T):
-        uniform numbers shared by every configuration; a weight is dropped where its draw is below that
-        configuration's dropout rate."""
+        the pooled vector sum_t a_t xhat_t = sum_t (a_t r_t) x_t - (sum_t a_t r_t mu_t) 1 (`pool.py`, which
+        also writes out the backward pass). The logits of all configurations and heads are one matrix product
+        (B T, D) x (D, g*H), the softmax runs over T, the pooling is one batched product per sample and the value
+        projection one per (configuration, head). `draws` (B, H, T): uniform numbers shared by every
+        configuration; a weight is dropped where its draw is below that configuration's dropout rate."""
         B, T, D = x.shape
         H, e = self.num_heads, self.head_dim
-        mu, r = token_stats(x, self.eps)  # (B, T): shared by every configuration
         q = self._queries(sl)
         g = q.shape[0]
-        wk = rows(self.w_k, sl).view(g, D, H, e)
-        u = (torch.einsum("gdhe,ghe->ghd", wk, q) * rows(self.ln_k_weight, sl).unsqueeze(1) / math.sqrt(e)).reshape(g * H, D)
-        logits = (torch.matmul(x, u.t()) - mu.unsqueeze(-1) * u.sum(1)) * r.unsqueeze(-1)  # (B, T, gH) + constants
-        a = logits.softmax(dim=1)
-        self._last_attention = a.detach().view(B, T, g, H).permute(2, 0, 3, 1)  # (g, B, H, T) view
+        keep = None
         if self.training and draws is not None:
             p = self.dropout[sl].view(1, 1, g, 1)
-            keep = (draws.transpose(1, 2).unsqueeze(2) >= p).to(a.dtype)
-            a = (a.view(B, T, g, H) * keep / (1 - p)).view(B, T, g * H)
-        w = a * r.unsqueeze(-1)  # (B, T, gH)
-        pooled = torch.bmm(w.transpose(1, 2), x)  # (B, gH, D): sum_t a_t r_t x_t
-        shift = (w * mu.unsqueeze(-1)).sum(1)  # (B, gH): sum_t a_t r_t mu_t
-        # ((sum_t a xhat) * g_v + (sum_t a) b_v) W_v = pooled (g_v W_v) - shift 1 (g_v W_v) + (sum_t a) (b_v W_v)
-        wv = rows(self.w_v, sl).view(g, D, H, e)
-        wv_g = (rows(self.ln_v_weight, sl).view(g, D, 1, 1) * wv).permute(0, 2, 1, 3).reshape(g * H, D, e)
-        v = torch.bmm(pooled.transpose(0, 1), wv_g)  # (gH, B, e)
-        bv = torch.einsum("gd,gdhe->ghe", rows(self.ln_v_bias, sl), wv).reshape(g * H, 1, e)
-        v = v - shift.t().unsqueeze(-1) * wv_g.sum(1).unsqueeze(1) + a.sum(1).t().unsqueeze(-1) * bv
-        return self._output(v.view(g, H, B, e).permute(0, 2, 1, 3), sl)
+            keep = ((draws.transpose(1, 2).unsqueeze(2) >= p).to(x.dtype) / (1 - p)).reshape(B, T, g * H)
+        v, a = attention_pool(x, self.eps, q, rows(self.w_k, sl), rows(self.ln_k_weight, sl), rows(self.w_v, sl),
+                              rows(self.ln_v_weight, sl), rows(self.ln_v_bias, sl), keep)  # (B, gH, e), (B, T, gH)
+        self._last_attention = a.view(B, T, g, H).permute(2, 0, 3, 1)  # (g, B, H, T) view
+        return self._output(v.view(B, g, H * e).transpose(0, 1), sl)
 
     def forward_direct(self, x: torch.Tensor, sl: slice = slice(None), draws=None) -> torch.Tensor:
         """Textbook order: LayerNorm and project every token to keys and values, then attend."""

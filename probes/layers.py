@@ -32,7 +32,9 @@ class _Rows(torch.autograd.Function):
 def rows(param: torch.Tensor, sl: slice) -> torch.Tensor:
     """The configurations `sl` (a step-1 slice) of a grid parameter (axis 0), for training one group of a grid."""
     start, stop, step = sl.indices(param.shape[0])
-    if (start, stop) == (0, param.shape[0]) or not (param.requires_grad and torch.is_grad_enabled()):
+    if (start, stop, step) == (0, param.shape[0], 1):
+        return param  # not param[:]: autograd would scatter its gradient into a zero-filled copy, then add that
+    if not (param.requires_grad and torch.is_grad_enabled()):
         return param[sl]
     assert step == 1, "configuration groups are contiguous"
     return _Rows.apply(param, start, stop)

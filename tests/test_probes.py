@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 
-from probes import HEADS, FeatureSet, FittedProbe, Protocol, TokenSpec, fit, resolve_layers
+from probes import HEADS, FeatureSet, FittedProbe, Protocol, TokenSpec, fit, pool, resolve_layers
 from probes.attention import AttentionHead, pool_parameters_formula
 from probes.batches import BatchStream
 from probes.layers import LinearHead, count_parameters
@@ -81,7 +81,11 @@ def test_parameter_counts_match_spec(D, T, backbone_params, paper_share):
     assert count_parameters(lin) == T * D * 10 + 10  # the authors' linear probe: nn.Linear, no BatchNorm
 
 
-def test_factored_attention_equals_direct_order():
+@pytest.mark.parametrize("chunk_bytes", [pool.CHUNK_BYTES, 1, 3 * 7 * 24 * 4])  # one chunk, one sample, 3 + 2
+def test_factored_attention_equals_direct_order(chunk_bytes, monkeypatch):
+    """Outputs, every parameter's gradient (the factored backward is written out) and the attention weights equal
+    the textbook order's, whether the forward takes the batch whole or a few samples at a time."""
+    monkeypatch.setattr(pool, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     G, B, T, D, C = 3, 5, 7, 24, 4
     head = AttentionHead(G, T, D, C, num_heads=4, dropout=torch.tensor([0.0, 0.1, 0.3]))
