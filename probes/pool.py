@@ -11,11 +11,11 @@ with per-token mean mu and 1 / std r; xhat = (x - mu) r is never formed:
     pooled[b, j] = sum_t w x_t                            per-sample (gH, T) x (T, D)
     v[b, j] = pooled V_j - (sum_t w mu) sum_d V_j + (sum_t a') b_j
 
-Autograd's own backward of these lines gives the same numbers, but it cannot choose where its results live: the
-pooled gradient comes out head-major (gH, B, D) and the next product then reads every sample's rows 1.5 MB
-apart, and a few passes are spent on layout copies and zero-filled gradients. Here every product writes straight
-into the layout its consumer reads (pooled and its gradient sample-major, v as (B, gH, e) so the output
-projection reads it in place), which measured 15-25% faster per ALF training step on CPU at the paper's shapes.
+Autograd's own backward of these lines gives the same numbers, but it cannot choose the layouts: here each product
+is taken in the orientation measured fastest for it, parameter gradients come out in the parameters' own layout
+(autograd's went through broadcast multiplies and transposing copies of weight size), and the forward takes the
+tokens a cache-sized chunk of samples at a time, so statistics, logits and pooling read them from memory once.
+Measured A/B on 2 CPU cores, one ALF training step at the ViT-B and ViT-L shapes: 7-9% faster than autograd's.
 """
 from __future__ import annotations
 
