@@ -108,6 +108,12 @@ class Classifier(nn.Module):
         return self.linear(self.bn(x, sl), sl)
 
 
+def real_columns(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x (B, T, W) -> (B, len(valid)): the T tokens concatenated, without the zero padding of narrower tokens."""
+    flat = x.reshape(x.shape[0], -1)
+    return flat if len(valid) == flat.shape[1] else flat.index_select(1, valid)
+
+
 class LinearHead(nn.Module):
     """The real (unpadded) columns of the T selected tokens, concatenated -> Linear (the authors' linear probes:
     a plain nn.Linear on the L2-normalised features, no BatchNorm)."""
@@ -120,10 +126,7 @@ class LinearHead(nn.Module):
 
     def forward(self, x: torch.Tensor, sl: slice = slice(None), draws=None) -> torch.Tensor:
         """x (B, T, W) shared by all configurations -> logits (g, B, C), one matrix product for the grid."""
-        flat = x.reshape(x.shape[0], -1)
-        if len(self.valid) != flat.shape[1]:
-            flat = flat.index_select(1, self.valid)
-        return self.linear.shared(flat, sl)
+        return self.linear.shared(real_columns(x, self.valid), sl)
 
 
 class StandardisedLinearHead(nn.Module):
@@ -139,9 +142,7 @@ class StandardisedLinearHead(nn.Module):
 
     def forward(self, x: torch.Tensor, sl: slice = slice(None), draws=None) -> torch.Tensor:
         """x (B, T, W) shared by all configurations -> logits (g, B, C)."""
-        flat = x.reshape(x.shape[0], -1)
-        if len(self.valid) != flat.shape[1]:
-            flat = flat.index_select(1, self.valid)
+        flat = real_columns(x, self.valid)
         g = len(range(self.G)[sl])
         return self.classifier(flat.unsqueeze(0).expand(g, -1, -1), sl)
 
