@@ -87,8 +87,8 @@ class _AttentionPool(torch.autograd.Function):
         gH = g * H
         dvt = dv.contiguous().transpose(0, 1)  # (gH, B, e)
         # the value map: dV_j = pooled_j^T dv_j - 1 (shift_j^T dv_j); db_j = total_j^T dv_j
-        dVt = torch.bmm(dvt.transpose(1, 2), pooled.transpose(0, 1))  # (gH, e, D): the faster orientation
-        dVt.sub_(torch.bmm(shift.t().unsqueeze(1), dvt).transpose(1, 2))
+        dV = torch.bmm(pooled.permute(1, 2, 0), dvt)  # (gH, D, e): rows of e stay contiguous in the parameter
+        dV.sub_(torch.bmm(shift.t().unsqueeze(1), dvt))  # (the other orientation multiplies faster, but its
         db = torch.bmm(total.t().unsqueeze(1), dvt).view(g, H * e)
         # back to the attention weights
         dpooled = torch.bmm(dvt, V.transpose(1, 2))  # (gH, B, D)
@@ -109,7 +109,7 @@ class _AttentionPool(torch.autograd.Function):
         dgk = (du * kq).sum(1).mul_(e ** -0.5)
         dWk = (dkq.transpose(1, 2).contiguous().unsqueeze(-1) * q.unsqueeze(1)).view(g, D, H * e)
         dq = torch.einsum("gdhe,ghd->ghe", Wk.view(g, D, H, e), dkq)
-        dVp = dVt.view(g, H, e, D).permute(0, 3, 1, 2).reshape(g, D, H * e)  # (g, D, H e)
+        dVp = dV.view(g, H, D, e).transpose(1, 2).reshape(g, D, H * e)  # (g, D, H e)  transpose costs more)
         dgv = (dVp * Wv).sum(-1)
         dbv = torch.bmm(Wv, db.unsqueeze(-1)).squeeze(-1)
         dWv = torch.baddbmm(dVp.mul_(gv.unsqueeze(-1)), bv.unsqueeze(-1), db.unsqueeze(1))
