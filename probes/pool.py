@@ -40,6 +40,16 @@ def token_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor
 CHUNK_BYTES = 4 << 20  # tokens per forward chunk: read once from memory, then reused from cache
 
 
+def _samples_per_chunk(x: torch.Tensor, gH: int) -> int:
+    """Samples per forward chunk: a CPU cache's worth of tokens. The whole batch where chunks gained nothing as
+    measured: on a GPU (each chunk costs kernel launches) and for a grid group, which writes many times more
+    pooled output than it reads tokens."""
+    B, T, D = x.shape
+    if x.device.type != "cpu" or gH > 2 * T:
+        return B
+    return max(1, CHUNK_BYTES // (T * D * x.element_size()))
+
+
 class _AttentionPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, eps, q, Wk, gk, Wv, gv, bv, keep):
@@ -57,9 +67,7 @@ class _AttentionPool(torch.autograd.Function):
         mu, r = x.new_empty(B, T), x.new_empty(B, T)
         a, pooled = x.new_empty(B, T, gH), x.new_empty(B, gH, D)
         w = torch.empty_like(a)
-        step = max(1, CHUNK_BYTES // (T * D * x.element_size()))
-        if gH > 2 * T:  # a grid group writes many times more pooled output than it reads tokens: chunks gained
-            step = B  # nothing there (measured), whole-batch products are larger
+        step = _samples_per_chunk(x, gH)
         for s in range(0, B, step):
             xc, sl = x[s:s + step], slice(s, s + step)
             mu[sl], r[sl] = token_stats(xc, eps)
