@@ -84,6 +84,35 @@ def timed(step, repeats: int) -> float:
     return best
 
 
+def product_rates(B: int, T: int, D: int, device: str = "cpu") -> list[tuple[str, str, str]]:
+    """GFLOP/s of each matrix product of one factored step (one configuration, H = T heads), each timed alone with
+    its operands in the layouts `probes/pool.py` uses, against the textbook order's key/value product."""
+    keep_freed_memory()  # as training: fresh outputs reuse memory already touched
+    H, e = T, 2 * (D // T)
+    inner = H * e
+    g = torch.Generator(device=device).manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, device=device, generator=g)  # noqa: E731
+    x, u, w, pooled, V, dv, Wo = r(B, T, D), r(H, D), r(B, T, H), r(B, H, D), r(H, D, e), r(B, H, e), r(inner, D)
+    dvt, dp = dv.transpose(0, 1), r(H, B, D)
+    products = {  # name: (function, multiply-adds)
+        "logits (B T, D) x (D, H)": (lambda: torch.mm(x.view(-1, D), u.t()), B * T * D * H),
+        "pooling, per sample (H, T) x (T, D)": (lambda: torch.bmm(w.transpose(1, 2), x), B * T * D * H),
+        "values, per head (B, D) x (D, e)": (lambda: torch.bmm(pooled.transpose(0, 1), V), B * D * inner),
+        "output projection (B, H e) x (H e, D)": (lambda: torch.mm(dv.view(B, inner), Wo), B * D * inner),
+        "grad values map, per head (D, B) x (B, e)": (lambda: torch.bmm(pooled.permute(1, 2, 0), dvt), B * D * inner),
+        "grad pooled, per head (B, e) x (e, D)": (lambda: torch.bmm(dvt, V.transpose(1, 2)), B * D * inner),
+        "grad weights, per sample (T, D) x (D, H)": (lambda: torch.bmm(x, dp.permute(1, 2, 0)), B * T * D * H),
+        "grad u (H, B T) x (B T, D)": (lambda: torch.mm(w.view(-1, H).t(), x.view(-1, D)), B * T * D * H),
+        "textbook keys/values (B T, D) x (D, H e)": (lambda: torch.mm(x.view(-1, D), Wo.t()), B * T * D * inner),
+    }
+    rows = []
+    for name, (f, mac) in products.items():
+        f()
+        best = timed(lambda: (f(), torch.cuda.synchronize() if device != "cpu" else None), 5)
+        rows.append((f"  {name}", f"{best * 1e3:.1f} ms", f"{2 * mac / best / 1e9:.0f} GFLOP/s"))
+    return rows
+
+
 def main(repeats: int = 3, rounds: int = 3, shapes=("ViT-B", "ViT-L"), grid: bool = True, device: str = "cpu"):
     rows, facts = [], {"threads": torch.get_num_threads(), "repeats": repeats, "rounds": rounds, "device": device}
     for name in shapes:
@@ -105,6 +134,7 @@ def main(repeats: int = 3, rounds: int = 3, shapes=("ViT-B", "ViT-L"), grid: boo
                  (f"{name}: textbook / factored", f"{ratio:.1f}x",
                   f"target >= {12 if name == 'ViT-B' else 14}x (FLOP ratio "
                   f"{macs('textbook', B, T, D, C) / macs('factored', B, T, D, C):.1f}x)")]
+        rows += [(f"{name}: each product alone (warm cache)", "", "")] + product_rates(B, T, D, device)
         if grid and name == "ViT-B":
             g21 = make_step(21, B, T, D, C, False, device=device)
             g21()
