@@ -66,8 +66,8 @@ class _AttentionPool(torch.autograd.Function):
         # token statistics, logits, softmax and pooling a chunk of samples at a time, so that the chunk's tokens
         # come from memory once and stay in cache for the pooling (whole-batch products read them three times)
         mu, r = x.new_empty(B, T), x.new_empty(B, T)
-        a, pooled = x.new_empty(B, T, gH), x.new_empty(B, gH, D)
-        w = torch.empty_like(a)
+        a, w, pooled = x.new_empty(B, T, gH), x.new_empty(B, T, gH), x.new_empty(B, gH, D)
+        total = x.new_empty(B, gH)  # sum_t a'
         step = _samples_per_chunk(x, gH)
         for s in range(0, B, step):
             xc, sl = x[s:s + step], slice(s, s + step)
@@ -75,11 +75,11 @@ class _AttentionPool(torch.autograd.Function):
             logits = torch.mm(xc.reshape(-1, D), u.t()).view(xc.shape[0], T, gH)
             logits.sub_(mu[sl].unsqueeze(-1) * usum).mul_(r[sl].unsqueeze(-1))
             torch.softmax(logits, dim=1, out=a[sl])
-            wc = torch.mul(a[sl], r[sl].unsqueeze(-1), out=w[sl]) if keep is None else \
-                torch.mul(a[sl] * keep[sl], r[sl].unsqueeze(-1), out=w[sl])
-            torch.bmm(wc.transpose(1, 2), xc, out=pooled[sl])
+            a_kept = a[sl] if keep is None else a[sl] * keep[sl]
+            torch.sum(a_kept, 1, out=total[sl])
+            torch.mul(a_kept, r[sl].unsqueeze(-1), out=w[sl])
+            torch.bmm(w[sl].transpose(1, 2), xc, out=pooled[sl])
         shift = torch.bmm(mu.unsqueeze(1), w).squeeze(1)  # (B, gH): sum_t w mu
-        total = (a if keep is None else a * keep).sum(1)  # (B, gH): sum_t a'
         Vsum = V.sum(1)  # (gH, e)
         v = torch.empty(B, gH, e, dtype=x.dtype, device=x.device)
         torch.bmm(pooled.transpose(0, 1), V, out=v.transpose(0, 1))
