@@ -37,20 +37,19 @@ def build_random_model(path: str | os.PathLike, arch: str = "vit_tiny_patch16_22
     It exercises the whole pipeline offline; its features carry no pretrained knowledge.
     """
     import timm
-    from timm.models.vision_transformer import VisionTransformer
 
     from .errors import AlfError, unknown_name
 
     if not timm.is_model(arch):
         raise unknown_name("timm architecture", arch, timm.list_models("vit_tiny*") + ["..."])
+    if not _is_vit(arch):
+        raise AlfError(f"--arch '{arch}' is not a timm VisionTransformer (try vit_tiny_patch16_224)")
     torch.manual_seed(seed)
     overlay = {"input_size": (3, img_size, img_size), "crop_pct": 1.0, "interpolation": "bicubic",
                "num_classes": 0}
     model = timm.create_model(arch, pretrained=False, img_size=img_size, patch_size=patch_size,
                               embed_dim=embed_dim, depth=depth, num_heads=num_heads, num_classes=0,
-                              pretrained_cfg_overlay=overlay, **kwargs) if _is_vit(arch) else None
-    if not isinstance(model, VisionTransformer):
-        raise AlfError(f"--arch '{arch}' is not a timm VisionTransformer (try vit_tiny_patch16_224)")
+                              pretrained_cfg_overlay=overlay, **kwargs)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     timm.models.save_for_hf(model, str(path), model_args={"img_size": img_size, "patch_size": patch_size,
