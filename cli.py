@@ -186,13 +186,15 @@ def datasets():
 @app.command()
 def ls(store_root: Optional[Path] = typer.Argument(None, help="store root (default $ALF_FEATURES or ./features)")):
     """List stores: dataset, model, split, N, layers, width, size on disk, complete (or DAMAGED)."""
-    from alfcache.format import default_root, find_stores, read_metadata
+    from alfcache.format import check_intact, default_root, find_stores, open_arrays, read_metadata
 
     root = _path("store root", store_root) or default_root()
     rows = []
     for p in find_stores(root):
         try:
             m = read_metadata(p)
+            with open_arrays(p, m) as arrays:  # every array present, every chunk of a complete store on disk
+                check_intact(p, m, arrays.handle, chunks=bool(m.get("complete")))
         except StoreError as e:
             rows.append({"path": str(p), "complete": "DAMAGED", "dataset": str(e)[:100]})
             continue

@@ -170,7 +170,8 @@ def read_metadata(path: str | Path) -> dict:
         raise StoreError(f"store '{path}' is damaged: its metadata cannot be read ({type(e).__name__}); "
                          f"re-extract it with --overwrite") from None
     if meta.get("format") != FORMAT:
-        raise StoreError(f"store '{path}' is damaged or not an alfcache store (no '{FORMAT}' metadata)")
+        raise StoreError(f"store '{path}' is damaged or not an alfcache store (no '{FORMAT}' metadata); "
+                         f"re-extract it with --overwrite")
     if meta.get("format_version") not in READABLE_VERSIONS:
         raise StoreError(f"store '{path}' has format version {meta.get('format_version')}; this alfcache reads "
                          f"versions {', '.join(map(str, READABLE_VERSIONS))} - re-extract it, or use the alfcache "
@@ -236,7 +237,7 @@ def open_arrays(path: str | Path, meta: dict | None = None) -> StoreArrays:
 
             handle = zarr.open_group(str(path), mode="r")
     except Exception as e:
-        raise StoreError(f"store '{path}' is damaged: it cannot be opened ({type(e).__name__})") from None
+        raise damaged(path, f"it cannot be opened ({type(e).__name__})") from None
     return StoreArrays(path, handle, meta)
 
 
@@ -276,21 +277,24 @@ def chunk_ranges(meta: dict) -> Iterator[tuple[int, int, int]]:
 
 
 # ------------------------------------------------------------------------------------------ labels
+def _count(k: int, noun: str) -> str:
+    return f"{k} {noun}" + ("" if k == 1 else "s")
+
+
 def check_labels(labels: np.ndarray, meta: dict, path: Path | str | None = None) -> None:
     """Labels must index `class_names`; -1 only marks an image recorded as skipped. Anything else is refused:
     a label outside the class list would silently change accuracies."""
-    where = f" of store '{path}'" if path is not None else ""
     labels = np.asarray(labels)
     n_classes = len(meta.get("class_names", []))
     bad = np.flatnonzero((labels < -1) | (labels >= n_classes))
     if len(bad):
-        raise StoreError(f"labels{where} hold values outside its {n_classes} classes (rows "
-                         f"{bad[:5].tolist()}: {labels[bad[:5]].tolist()}); the store is damaged - re-extract it")
+        raise damaged(path, f"labels hold values outside its {n_classes} classes (rows {bad[:5].tolist()}: "
+                            f"{labels[bad[:5]].tolist()})")
     skipped = int((labels == -1).sum())
     recorded = len(meta.get("skipped", []))
     if meta.get("complete") and skipped != recorded:
-        raise StoreError(f"store{where} has {skipped} rows labelled -1 (skipped) but records {recorded} skipped "
-                         f"images; the store is damaged - re-extract it")
+        raise damaged(path, f"{_count(skipped, 'row')} labelled -1 (skipped) but it records "
+                            f"{_count(recorded, 'skipped image')}")
 
 
 # ------------------------------------------------------------------------------------------ verification
@@ -307,8 +311,9 @@ def verify_store(path: str | Path, progress: bool = False) -> int:
     names = token_arrays(meta)
     ranges = list(chunk_ranges(meta))
     if len(ranges) != len(sums):
-        raise StoreError(f"store '{path}' is damaged: {len(sums)} checksums for {len(ranges)} chunks")
+        raise damaged(path, f"{len(sums)} checksums for {len(ranges)} chunks")
     with open_arrays(path, meta) as arrays:
+        check_intact(path, meta, arrays.handle)
         it = ranges
         if progress:
             from tqdm.auto import tqdm
@@ -320,43 +325,158 @@ def verify_store(path: str | Path, progress: bool = False) -> int:
                 labels = np.asarray(arrays["labels"][a:b])
                 ids = arrays.ids(a, b) if version >= 2 else None
             except Exception as e:
-                raise StoreError(f"store '{path}': chunk {k} (rows {a}-{b - 1}) cannot be read "
-                                 f"({type(e).__name__}); it is corrupted - re-extract with --overwrite") from None
+                raise damaged(path, f"chunk {k} (rows {a}-{b - 1}) cannot be read ({type(e).__name__}); "
+                                    f"it is corrupted") from None
             if chunk_checksum(block, labels, ids, version) != sums[k]:
-                raise StoreError(f"store '{path}': chunk {k} (rows {a}-{b - 1}) fails its checksum; the data "
-                                 f"was changed or corrupted on disk - re-extract with --overwrite")
+                raise damaged(path, f"chunk {k} (rows {a}-{b - 1}) fails its checksum (the data was changed or "
+                                    f"corrupted on disk)")
         proj = meta.get("projection")
         if proj:
             for name in PROJECTION:
                 try:
                     got = array_checksum(np.asarray(arrays[name][...]))
                 except Exception as e:
-                    raise StoreError(f"store '{path}': '{name}' cannot be read ({type(e).__name__}); "
-                                     f"re-extract with --overwrite") from None
+                    raise damaged(path, f"'{name}' cannot be read ({type(e).__name__})") from None
                 if got != proj["checksums"][name]:
-                    raise StoreError(f"store '{path}': '{name}' fails its checksum; re-extract with --overwrite")
+                    raise damaged(path, f"'{name}' fails its checksum")
     return len(sums)
 
 
-def missing_chunks(path: str | Path, meta: dict) -> list[int]:
-    """Chunks with no data on disk (a Zarr chunk file deleted): a missing chunk reads as fill values, so it must
-    be refused even when checksums are not verified. HDF5 stores are written whole, so they have none."""
-    path = Path(path)
-    if store_format(path) != "zarr":
+def required_arrays(meta: dict) -> list[str]:
+    """Every array a store must hold: labels, sample ids, every per-sample token array its metadata lists
+    (cls, ap, patches, registers, module taps) and the projection when it records one."""
+    names = ["labels", "sample_ids", *token_arrays(meta)]
+    if meta.get("projection"):
+        names += list(PROJECTION)
+    return names
+
+
+def damaged(path: str | Path | None, why: str) -> StoreError:
+    """The one error for a store damaged on disk: names the store, what is wrong and the way out."""
+    if path is None:  # feature arrays built in memory, not a store
+        return StoreError(f"features are damaged: {why}")
+    return StoreError(f"store '{path}' is damaged: {why}; re-extract it with --overwrite")
+
+
+def _rows(spans: list[tuple[int, int]]) -> str:
+    shown = ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in spans[:3])
+    return shown + (f" and {len(spans) - 3} more ranges" if len(spans) > 3 else "")
+
+
+def check_intact(path: str | Path, meta: dict, handle, chunks: bool = True) -> None:
+    """Refuse a store damaged on disk before anything reads it: every required array must open (its metadata
+    readable), have the shape and dtype the store's metadata records, and - with `chunks` - hold stored data
+    for every chunk of its own chunk grid. A chunk with no data reads as fill values (zeros, label -1), so this
+    holds whether or not checksums are verified. Decided from each array's own chunk grid, chunk key encoding
+    and sharding against the keys really present in its store (Zarr), or from the allocated chunks (HDF5)."""
+    n = int(meta["num_samples"])
+    for name in required_arrays(meta):
+        try:
+            arr = handle[name]
+        except Exception as e:  # deleted or broken array metadata (zarr.json / HDF5 object header)
+            raise damaged(path, f"array '{name}' is missing or its metadata cannot be read ({type(e).__name__})") from None
+        want = tuple(meta["arrays"][name]["shape"]) if name in meta.get("arrays", {}) else None
+        if name in ("labels", "sample_ids"):
+            want = (n,)
+        if want is not None and tuple(arr.shape) != want:
+            raise damaged(path, f"array '{name}' has shape {tuple(arr.shape)}, its metadata says {want}")
+        dtype = meta.get("arrays", {}).get(name, {}).get("dtype")
+        if dtype is not None and np.dtype(arr.dtype) != np.dtype(dtype):
+            raise damaged(path, f"array '{name}' holds {np.dtype(arr.dtype)}, its metadata says {dtype}")
+        if not chunks:
+            continue
+        try:
+            gaps = _h5_unwritten(arr) if store_format(path) == "h5" else _zarr_unwritten(arr)
+        except StoreError:
+            raise
+        except Exception as e:
+            raise damaged(path, f"the chunks of '{name}' cannot be listed ({type(e).__name__}: {e})") from None
+        if gaps:
+            raise damaged(path, f"'{name}' has no data on disk for rows {_rows(gaps)} (chunk files missing on "
+                                f"disk; they would read as fill values)")
+
+
+def _spans(starts: Iterable[int], size: int, n: int) -> list[tuple[int, int]]:
+    """Merged (first row, end row) spans of chunks starting at `starts` with `size` rows each, clipped to n."""
+    out: list[tuple[int, int]] = []
+    for a in sorted(set(starts)):
+        b = min(n, a + size)
+        if out and out[-1][1] >= a:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _zarr_unwritten(arr) -> list[tuple[int, int]]:
+    """Row spans of a Zarr array with no stored data: stored objects (chunks, or shards) absent from the store,
+    and inside present shards the inner chunks their index marks empty."""
+    from zarr.core.sync import sync
+
+    md = arr.metadata
+    if not arr.shape or 0 in arr.shape:
         return []
-    n_chunks = len(list(chunk_ranges(meta)))
-    missing = set()
-    for name in ["labels", "sample_ids", *token_arrays(meta)]:
-        folder = path / name / "c"
-        for k in range(n_chunks):
-            # zarr v3 default chunk key encoding: c/<i>/<j>/...; chunk k of an (N, ...) array starts with c/k
-            if not ((folder / str(k)).is_file() or (folder / str(k)).is_dir()):
-                missing.add(k)
-    return sorted(missing)
+    prefix = f"{arr.path}/" if arr.path else ""
+
+    async def listing():
+        return {k async for k in arr.store.list_prefix(prefix)}
+
+    present = sync(listing())
+    grid = md.chunk_grid  # the stored objects' grid: shards when sharded
+    outer = grid.chunk_shape
+    sharding = next((c for c in getattr(md, "codecs", ()) if type(c).__name__ == "ShardingCodec"), None)
+    inner = sharding.chunk_shape[0] if sharding is not None else outer[0]
+    starts = []  # first rows of the unwritten pieces, each `inner` rows long
+    for coords in grid.all_chunk_coords(arr.shape):
+        first = coords[0] * outer[0]
+        key = prefix + md.encode_chunk_key(coords)
+        if key not in present:
+            starts += range(first, first + outer[0], inner)
+        elif sharding is not None:
+            starts += [first + r for r in _empty_inner_rows(arr, sharding, key, outer)]
+    return _spans(starts, inner, arr.shape[0])
+
+
+def _empty_inner_rows(arr, sharding, key: str, outer: tuple[int, ...]) -> list[int]:
+    """First rows (relative to the shard) of the inner chunks that a shard's index marks empty."""
+    from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+    from zarr.codecs.sharding import ShardingCodecIndexLocation
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    per_shard = tuple(o // i for o, i in zip(outer, sharding.chunk_shape))
+    size = sharding._shard_index_size(per_shard)
+    where = (RangeByteRequest(0, size) if sharding.index_location == ShardingCodecIndexLocation.start
+             else SuffixByteRequest(size))
+    raw = sync(arr.store.get(key, prototype=default_buffer_prototype(), byte_range=where))
+    if raw is None or len(raw) < size:
+        return list(range(0, outer[0], sharding.chunk_shape[0]))  # too short to hold its index: all missing
+    index = sync(sharding._decode_shard_index(raw, per_shard))
+    empty = np.argwhere(~index.get_full_chunk_map())
+    return sorted({int(c[0]) * sharding.chunk_shape[0] for c in empty})
+
+
+def _h5_unwritten(ds) -> list[tuple[int, int]]:
+    """Row spans of an HDF5 dataset with no allocated storage (they read as the fill value)."""
+    if ds.shape == () or 0 in ds.shape:
+        return []
+    if ds.chunks is None:  # contiguous or compact: all or nothing
+        return [] if ds.id.get_storage_size() > 0 else [(0, ds.shape[0])]
+    grid = [-(-s // c) for s, c in zip(ds.shape, ds.chunks)]
+    have = ds.id.get_num_chunks()
+    if have >= int(np.prod(grid)):
+        return []
+    written = {ds.id.get_chunk_info(i).chunk_offset for i in range(have)}
+    starts = []
+    for coords in np.ndindex(*grid):
+        offset = tuple(int(c) * s for c, s in zip(coords, ds.chunks))
+        if offset not in written:
+            starts.append(offset[0])
+    return _spans(starts, ds.chunks[0], ds.shape[0])
 
 
 __all__ = ["FORMAT", "VERSION", "READABLE_VERSIONS", "PAIR_KEYS", "RESUME_KEYS", "StoreArrays", "StoreError",
            "array_checksum", "check_labels", "chunk_checksum", "chunk_ranges", "dataset_key", "default_root", "differing",
            "model_key",
-           "find_stores", "get", "missing_chunks", "open_arrays", "read_metadata", "safe_component", "staging_path",
+           "find_stores", "get", "check_intact", "damaged", "open_arrays", "required_arrays", "read_metadata", "safe_component", "staging_path",
            "store_format", "store_path", "token_arrays", "token_codec", "verify_store", "write_atomic"]

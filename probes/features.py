@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 import alfcache.format as store_format
-from alfcache.format import (PAIR_KEYS, StoreError, check_labels, get, missing_chunks, open_arrays, read_metadata,
-                             verify_store)  # noqa: F401  (verify_store: re-exported for probe users)
+from alfcache.format import (PAIR_KEYS, StoreError, check_intact, check_labels, damaged, get, open_arrays,  # noqa: F401
+                             read_metadata, verify_store)  # (StoreError, verify_store: re-exported for probe users)
 
 from .errors import ProbeError
 from .selection import TokenLayout, TokenSpec, resolve_layers
@@ -81,32 +81,38 @@ class FeatureSet:
     def open(klass, path: str | Path, *, in_memory: bool = False, allow_incomplete: bool = False) -> "FeatureSet":
         """Open a store lazily (memory-mapped chunks); `in_memory=True` reads the token arrays into RAM.
 
-        Labels are checked against the class list; a store with chunks missing on disk is refused (they would
-        read as zeros), whether or not its checksums are verified."""
+        Every array the store lists must open with the recorded shape and dtype, and (complete stores) hold data
+        for every chunk: a chunk missing on disk would read as fill values, so it is refused whether or not the
+        checksums are verified. Labels are checked against the class list. A chunk that cannot be decoded later
+        is one 'damaged' StoreError too."""
         path = Path(path)
         meta = read_metadata(path)
         if not meta.get("complete") and not allow_incomplete:
             raise ProbeError(f"store '{path}' is incomplete (extraction did not finish); rerun the extraction to "
                              f"resume it, or pass allow_incomplete / --allow-incomplete")
-        if meta.get("complete"):
-            gone = missing_chunks(path, meta)
-            if gone:
-                raise StoreError(f"store '{path}' is damaged: chunk{'s' if len(gone) > 1 else ''} "
-                                 f"{', '.join(map(str, gone[:5]))} missing on disk; re-extract with --overwrite")
         arrays = open_arrays(path, meta)
-        labels = np.asarray(arrays["labels"][:], dtype=np.int64)
+        try:
+            check_intact(path, meta, arrays.handle, chunks=bool(meta.get("complete")))
+            labels = np.asarray(arrays["labels"][:], dtype=np.int64)
+        except StoreError:
+            arrays.close()
+            raise
+        except Exception as e:  # a labels chunk that does not decode
+            arrays.close()
+            raise damaged(path, f"its labels cannot be read ({type(e).__name__})") from None
         if meta.get("complete"):
             check_labels(labels, meta, path)
         projection = None
         if meta.get("projection"):
-            projection = tuple(np.asarray(arrays[name][...], dtype=np.float32) for name in store_format.PROJECTION)
+            projection = tuple(np.asarray(_read(arrays[name], ..., path, name), dtype=np.float32)
+                               for name in store_format.PROJECTION)
         fs = klass(arrays["cls"], arrays["ap"], labels, list(meta["class_names"]), list(meta["taps"]["layer_names"]),
                    arrays["patches"] if "patches" in arrays else None, meta, path, int(meta.get("chunk_rows", 4096)),
                    arrays, projection=projection)
         if in_memory:
-            fs.cls, fs.ap = np.asarray(fs.cls[:]), np.asarray(fs.ap[:])
+            fs.cls, fs.ap = _read(fs.cls, slice(None), path, "cls"), _read(fs.ap, slice(None), path, "ap")
             if fs.patches is not None:
-                fs.patches = np.asarray(fs.patches[:])
+                fs.patches = _read(fs.patches, slice(None), path, "patches")
         return fs
 
     @property
@@ -271,11 +277,23 @@ class FeatureSet:
         pos = 0
         for part in np.split(sorted_rows, np.flatnonzero(np.diff(chunk)) + 1) if len(sorted_rows) else []:
             a, b = int(part[0]), int(part[-1]) + 1
-            block = np.asarray(arr[a:b])
+            block = _read(arr, slice(a, b), self.path)
             if b - a != len(part):
                 block = block[part - a]
             yield pos, (block[:, layers] if layers is not None else block)
             pos += len(part)
+
+
+def _read(arr, sel, path, name: str | None = None) -> np.ndarray:
+    """arr[sel] of a store array as numpy; a chunk that cannot be decoded (truncated or overwritten on disk) is
+    the one-line 'damaged' error naming the store, not a codec's traceback."""
+    try:
+        return np.asarray(arr[sel])
+    except Exception as e:
+        name = name or getattr(arr, "path", None) or getattr(arr, "name", "?")
+        rows = f"rows {sel.start}-{sel.stop - 1} of " if isinstance(sel, slice) and sel.stop is not None else ""
+        raise damaged(path, f"{rows}'{str(name).lstrip('/')}' cannot be read ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
 def check_compatible(train: FeatureSet, test: FeatureSet) -> None:
