@@ -248,8 +248,12 @@ def fetch(
 @app.command()
 def extract(
     model: str = typer.Option(..., help="short name (alf models), timm:<id>, hf:<transformers id or folder>, "
-                                        "local-dir:<path> or a model folder"),
+                                        "local-dir:<path> or a model folder; several, comma-separated: each image "
+                                        "is decoded once for all of them, each model writes its own stores"),
     dataset: str = typer.Option(..., help="short name (alf datasets), imagefolder:<path> or hf:<id or folder>"),
+    models_per_pass: Optional[int] = typer.Option(None, help="with several models: how many share one pass over "
+                                                  "the images (default: as many as leave a third of the device or "
+                                                  "RAM free)"),
     protocol: str = typer.Option("paper", help="registry models: paper (the authors' extraction, fact by fact) | "
                                  "clean (CLIP with QuickGELU, bicubic resizing for DINOv2/MAE)"),
     split: str = typer.Option("train,test", help="comma-separated splits"),
@@ -274,7 +278,12 @@ def extract(
                                                  "store (automatic when WORLD_SIZE > 1)"),
 ):
     """Run a backbone over a dataset and write per-layer CLS/AP tokens, one store per split."""
-    _model(model), _dataset(dataset), _device(device), _path("--out", out)
+    models = [_model(m) for m in _names("--model", model)]
+    _dataset(dataset), _device(device), _path("--out", out)
+    if models_per_pass is not None:
+        _at_least("--models-per-pass", models_per_pass, 1, 1024)
+    if len(set(models)) != len(models):
+        raise _bad(f"--model names a model twice: {model}")
     _choice("--protocol", protocol, ("paper", "clean")), _choice("--format", format, ("zarr", "h5"))
     _choice("--dtype", dtype, ("float16", "float32")), _text("--taps", taps)
     if amp is not None:
@@ -283,17 +292,18 @@ def extract(
     _at_least("--batch-size", batch_size, 1, 1 << 16), _at_least("--workers", workers, 0, 256)
     if chunk_rows is not None:
         _at_least("--chunk-rows", chunk_rows, 1, 1 << 20)
-    from alfcache.extract import ExtractConfig, extract as run
+    from alfcache.extract import ExtractConfig, extract_many
 
-    cfg = ExtractConfig(model=model, dataset=dataset, protocol=protocol, splits=splits, out=out, fmt=format,
+    cfg = ExtractConfig(model=models[0], dataset=dataset, protocol=protocol, splits=splits, out=out, fmt=format,
                         dtype=dtype, taps=taps, batch_size=batch_size, workers=workers, device=device, amp=amp,
                         overwrite=overwrite, chunk_rows=chunk_rows, skip_corrupt=skip_corrupt, break_lock=break_lock,
                         patches=patches, registers=registers, distributed=distributed)
-    for r in run(cfg):
-        rate = f", {r.images_per_s:.0f} img/s, loader wait {r.loader_wait_s:.1f}s" if r.status != "skipped" else ""
-        if r.status == "resumed":
-            rate += f", {r.chunks_done_before} of {r.chunks_total} chunks were already durable"
-        typer.echo(f"{r.split}: {r.status} {r.path} (N={r.num_samples}{rate})")
+    for m, results in extract_many(cfg, models, models_per_pass).items():
+        for r in results:
+            rate = f", {r.images_per_s:.0f} img/s, loader wait {r.loader_wait_s:.1f}s" if r.status != "skipped" else ""
+            if r.status == "resumed":
+                rate += f", {r.chunks_done_before} of {r.chunks_total} chunks were already durable"
+            typer.echo((f"{m} " if len(models) > 1 else "") + f"{r.split}: {r.status} {r.path} (N={r.num_samples}{rate})")
 
 
 @app.command("build-random-model")

@@ -46,7 +46,7 @@ def build_random_model(path: str | os.PathLike, arch: str = "vit_tiny_patch16_22
         raise AlfError(f"--arch '{arch}' is not a timm VisionTransformer (try vit_tiny_patch16_224)")
     torch.manual_seed(seed)
     overlay = {"input_size": (3, img_size, img_size), "crop_pct": 1.0, "interpolation": "bicubic",
-               "num_classes": 0}
+               "num_classes": 0, **kwargs.pop("pretrained_cfg_overlay", {})}  # preprocessing of a stand-in
     model = timm.create_model(arch, pretrained=False, img_size=img_size, patch_size=patch_size,
                               embed_dim=embed_dim, depth=depth, num_heads=num_heads, num_classes=0,
                               pretrained_cfg_overlay=overlay, **kwargs)

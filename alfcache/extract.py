@@ -5,6 +5,11 @@ chunk (loader.py), so a chunk is complete when its last batch is done; a backgro
 next batches run (sinks.py). A rerun resumes at the first chunk not durably written and, because batch
 boundaries are fixed relative to chunks, reproduces the uninterrupted arrays exactly. Distributed runs split the
 chunks between ranks (ranks.py); the metadata comes from metadata.py.
+
+Several models over one dataset share one pass (`extract_many`): each image is decoded once (loader.py hands
+every model its own preprocessed copy, one per distinct pipeline), each model assembles exactly the batches a
+single-model run would form and writes its own stores through its own writer thread, so every store is the same
+bytes as a single-model run's and resumes on its own. A single-model run is the same loop with one model.
 """
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import logging
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +29,7 @@ from .backbones import Backbone, load_backbone
 from .datasets import HUB_DATASETS, ImageSource, dataset_slug, open_source
 from .errors import AlfError, os_error
 from .format import default_root, safe_component, store_path
-from .loader import first_readable, loader_for
+from .loader import ChunkBatches, first_readable, shared_loader
 from .locks import store_lock
 from .metadata import build_metadata, projection_arrays
 from .numerics import amp_agreement, attention_backend, resolve_autocast
@@ -152,10 +158,19 @@ def _prepare(cfg: ExtractConfig) -> Run:
     return Run(cfg, bb, plan, collector, device, autocast, dist)
 
 
-def extract(cfg: ExtractConfig) -> list[SplitResult]:
-    out = Path(cfg.out) if cfg.out else default_root()
-    check_writable(out)  # before any model is loaded: a folder that cannot be written is named as such
-    sources = _open_sources(cfg)  # names are checked before a model is loaded
+@dataclass
+class Job:
+    """One model's part of a pass over a dataset: its run, stores' chunking and the facts every split records."""
+
+    run: Run
+    shapes: dict
+    numerics: dict
+    row_bytes: int
+    rows: int
+    fingerprint: str
+
+
+def _job(cfg: ExtractConfig, sources: list[ImageSource]) -> Job:
     run = _prepare(cfg)
     shapes = probe_shapes(run.bb, run.collector)
     numerics = {"device_type": run.device.type, "autocast": run.autocast,
@@ -168,25 +183,79 @@ def extract(cfg: ExtractConfig) -> list[SplitResult]:
     row_bytes = (2 if cfg.dtype == "float16" else 4) * sum(int(np.prod(v)) for v in shapes.values())
     rows = cfg.chunk_rows or chunk_rows_for(row_bytes)
     fingerprint = run.bb.fingerprint()  # hashes every weight: once per run, not once per split
-    results = []
-    for source in sources:
-        meta = build_metadata(run.bb, source, run.plan, dataset=cfg.dataset, shapes=shapes, dtype=cfg.dtype,
-                              chunk_rows=rows, batch_size=cfg.batch_size, fingerprint=fingerprint,
-                              extraction=numerics)
-        path = store_path(out, dataset_slug(cfg.dataset), safe_component(run.bb.name), source.split, cfg.fmt)
-        _check_space(path, row_bytes * len(source) * (2 if cfg.fmt == "h5" else 1), cfg.patches)
-        try:
-            if run.dist.rank == 0:
-                with store_lock(path, break_lock=cfg.break_lock):  # rank 0 holds it for the whole job
-                    results.append(_extract_split(run, source, meta, path))
-            else:
-                results.append(_extract_split(run, source, meta, path))
-        except OSError as e:
-            err = os_error(path, e)
-            if err is None:
-                raise
-            raise err from None
+    return Job(run, shapes, numerics, row_bytes, rows, fingerprint)
+
+
+def extract(cfg: ExtractConfig) -> list[SplitResult]:
+    """One model over the dataset's splits: one store per split."""
+    return extract_many(cfg, [cfg.model])[cfg.model]
+
+
+def extract_many(cfg: ExtractConfig, models: list[str], models_per_pass: int | None = None) -> dict[str, list[SplitResult]]:
+    """Several models over one dataset, each image decoded once per pass for all of them: every model gets its own
+    preprocessing of the decoded image, its own batches (exactly those of a single-model run, so its stores are
+    the same bytes) and its own stores, each resumable on its own. Models run `models_per_pass` at a time (None:
+    as many as fit, see `_fits`)."""
+    if len(set(models)) != len(models):
+        raise AlfError(f"a model is named twice in {', '.join(models)}")
+    if models_per_pass is not None and models_per_pass < 1:
+        raise AlfError("--models-per-pass must be at least 1")
+    out = Path(cfg.out) if cfg.out else default_root()
+    check_writable(out)  # before any model is loaded: a folder that cannot be written is named as such
+    sources = _open_sources(cfg)  # names are checked before a model is loaded
+    results: dict[str, list[SplitResult]] = {m: [] for m in models}
+    todo = list(models)
+    while todo:
+        jobs = [_job(replace(cfg, model=todo.pop(0)), sources)]
+        while todo and (len(jobs) < models_per_pass if models_per_pass else _fits(jobs)):
+            jobs.append(_job(replace(cfg, model=todo.pop(0)), sources))
+        if len(models) > 1:
+            log.info("one pass over %s for %s", cfg.dataset, ", ".join(j.run.bb.name for j in jobs))
+        for source in sources:
+            for job, res in zip(jobs, _extract_split(jobs, source, out)):
+                results[job.run.cfg.model].append(res)
+        del jobs
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return results
+
+
+def _fits(jobs: list[Job]) -> bool:
+    """May another model join this pass? While the device (CUDA) or RAM (CPU) keeps at least a third free after
+    the models loaded so far (a model's activations at batch size are small next to its weights for ViTs)."""
+    device = jobs[0].run.device
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+    else:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        free, total = vm.available, vm.total
+    return free > total / 3
+
+
+def _extract_split(jobs: list[Job], source: ImageSource, out: Path) -> list[SplitResult]:
+    """One split for every model of the pass: each model's store locked (rank 0), created or resumed."""
+    cfg = jobs[0].run.cfg
+    targets = []
+    for job in jobs:
+        meta = build_metadata(job.run.bb, source, job.run.plan, dataset=cfg.dataset, shapes=job.shapes,
+                              dtype=cfg.dtype, chunk_rows=job.rows, batch_size=cfg.batch_size,
+                              fingerprint=job.fingerprint, extraction=job.numerics)
+        path = store_path(out, dataset_slug(cfg.dataset), safe_component(job.run.bb.name), source.split, cfg.fmt)
+        _check_space(path, job.row_bytes * len(source) * (2 if cfg.fmt == "h5" else 1), cfg.patches)
+        targets.append((job, meta, path))
+    try:
+        with ExitStack() as locks:
+            if jobs[0].run.dist.rank == 0:  # rank 0 holds the locks for the whole job
+                for _, _, path in targets:
+                    locks.enter_context(store_lock(path, break_lock=cfg.break_lock))
+            return _run_split(targets, source)
+    except OSError as e:
+        err = os_error(targets[0][2], e)
+        if err is None:
+            raise
+        raise err from None
 
 
 def _check_space(path: Path, need: int, patches: bool) -> None:
@@ -263,40 +332,99 @@ def _open_split_sink(run: Run, meta: dict, path: Path) -> Sink | None:
     return sink if dist.rank == 0 else attach_sink(path, dist.rank, dist.world)
 
 
-def _extract_split(run: Run, source: ImageSource, meta: dict, path: Path) -> SplitResult:
-    cfg, dist = run.cfg, run.dist
-    sink = _open_split_sink(run, meta, path)
-    if sink is None:
-        log.info("%s is complete; skipped (use --overwrite to redo)", path)
-        return SplitResult(source.split, path, "skipped", len(source))
-    all_pending = sink.pending()
-    pending = [k for k in all_pending if k % dist.world == dist.rank]  # disjoint, chunk-aligned shares
-    loader = loader_for(source, run.bb.transform(), meta["preprocessing"]["input_size"], pending, sink.rows,
-                        cfg.batch_size, cfg.workers, run.device.type == "cuda")
-    todo = sum(b - a for a, b in map(sink.chunk_range, pending))
-    desc = f"extract {source.split}" + (f" [rank {dist.rank}/{dist.world}]" if dist.on else "")
-    bar = tqdm(total=todo, unit="img", desc=desc, disable=not cfg.progress, smoothing=0.1)
+@dataclass
+class Target:
+    """A model's store of the split being extracted, and the batches it still needs."""
+
+    job: Job
+    path: Path
+    sink: Sink
+    batches: list[list[int]]
+    index: int = 0  # position among the pass's models
+    all_pending: int = 0  # chunks not yet durable when the run started (all ranks)
+    chunks: ChunkAssembler | None = None
+    pieces: list = field(default_factory=list)  # segments of the batch being assembled
+    next_batch: int = 0
+
+
+def _run_split(targets: list[tuple[Job, dict, Path]], source: ImageSource) -> list[SplitResult]:
+    cfg = targets[0][0].run.cfg
+    dist = targets[0][0].run.dist
+    results: dict[int, SplitResult] = {}
+    live: list[Target] = []
+    for i, (job, meta, path) in enumerate(targets):
+        sink = _open_split_sink(job.run, meta, path)
+        if sink is None:
+            log.info("%s is complete; skipped (use --overwrite to redo)", path)
+            results[i] = SplitResult(source.split, path, "skipped", len(source))
+            continue
+        all_pending = sink.pending()
+        pending = [k for k in all_pending if k % dist.world == dist.rank]  # disjoint, chunk-aligned shares
+        batches = ChunkBatches(pending, sink.rows, sink.n, cfg.batch_size).batches
+        live.append(Target(job, path, sink, batches, index=i, all_pending=len(all_pending)))
+    if live:
+        times = _stream(live, source)
+        for t in live:
+            _finish(t.job.run, t.sink, t.path)
+            secs, wait = times
+            todo = sum(len(b) for b in t.batches)
+            results[t.index] = SplitResult(
+                source.split, t.path, "resumed" if t.all_pending < t.sink.num_chunks else "written", t.sink.n, secs,
+                todo / max(secs, 1e-9), wait, t.sink.num_chunks - t.all_pending, t.sink.num_chunks)
+    return [results[i] for i in range(len(targets))]
+
+
+def _stream(live: list[Target], source: ImageSource) -> tuple[float, float]:
+    """Decode each needed image once, hand every model its own preprocessed copy, run each model on exactly its own
+    batches, and queue finished chunks to each model's writer thread. Returns (seconds, seconds waiting for
+    images)."""
+    run0 = live[0].job.run
+    cfg, dist = run0.cfg, run0.dist
+    loader = shared_loader(source, [t.job.run.bb.transform() for t in live],
+                           [t.job.run.bb.data_config["input_size"] for t in live], [t.batches for t in live],
+                           cfg.workers, run0.device.type == "cuda")
+    rows = len({r for t in live for b in t.batches for r in b}) if len(live) > 1 else sum(map(len, live[0].batches))
+    desc = f"extract {source.split}" + (f" [rank {dist.rank}/{dist.world}]" if dist.on else "") + \
+        (f" x {len(live)} models" if len(live) > 1 else "")
+    bar = tqdm(total=rows, unit="img", desc=desc, disable=not cfg.progress, smoothing=0.1)
     t0, wait = time.perf_counter(), 0.0
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alf-writer") as writer, \
-                run.collector.attached(), torch.inference_mode():
-            chunks = ChunkAssembler(sink, writer, cfg.dtype)
+        with ExitStack() as stack:
+            for t in live:
+                writer = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="alf-writer"))
+                t.chunks = ChunkAssembler(t.sink, writer, cfg.dtype)
+                stack.enter_context(t.job.run.collector.attached())
+            stack.enter_context(torch.inference_mode())
             t_wait = time.perf_counter()
-            for x, labels, idx, errs in loader:
+            for xs, labels, idx, errs in loader:
                 wait += time.perf_counter() - t_wait
-                idx = idx.numpy()
-                ids = [source.sample_id(int(i)) for i in idx]
-                arrays, labels, skipped = _forward_batch(run, x, list(errs), labels.numpy().copy(), ids)
-                chunks.add(int(idx[0]) // sink.rows, arrays, labels, ids, skipped)
+                for t, x in zip(live, xs):
+                    if x is not None:
+                        _take(t, x, labels, idx, errs, source)
                 bar.update(len(idx))
                 t_wait = time.perf_counter()
-            chunks.wait()
+            for t in live:
+                t.chunks.wait()
     finally:
         bar.close()
-    _finish(run, sink, path)
-    secs = time.perf_counter() - t0
-    return SplitResult(source.split, path, "resumed" if len(all_pending) < sink.num_chunks else "written", sink.n,
-                       secs, todo / max(secs, 1e-9), wait, sink.num_chunks - len(all_pending), sink.num_chunks)
+    return time.perf_counter() - t0, wait
+
+
+def _take(t: Target, x, labels, idx, errs, source: ImageSource) -> None:
+    """Add a segment to the model's current batch; when the batch is whole (the same rows a single-model run would
+    batch), run the model on it."""
+    t.pieces.append((x, labels, idx, errs))
+    want = len(t.batches[t.next_batch])
+    if sum(len(p[2]) for p in t.pieces) < want:
+        return
+    x = torch.cat([p[0] for p in t.pieces]) if len(t.pieces) > 1 else t.pieces[0][0]
+    labels = torch.cat([p[1] for p in t.pieces]).numpy().copy()
+    idx = torch.cat([p[2] for p in t.pieces]).numpy()
+    errs = [e for p in t.pieces for e in p[3]]
+    t.pieces, t.next_batch = [], t.next_batch + 1
+    ids = [source.sample_id(int(i)) for i in idx]
+    arrays, labels, skipped = _forward_batch(t.job.run, x, errs, labels, ids)
+    t.chunks.add(int(idx[0]) // t.sink.rows, arrays, labels, ids, skipped)
 
 
 def _finish(run: Run, sink: Sink, path: Path) -> None:
