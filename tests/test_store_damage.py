@@ -149,8 +149,8 @@ def test_sharded_array_missing_inner_chunk_and_shard(store):
                                   data.astype(np.float32))
     import zarr
 
-    a = zarr.open_group(str(store), mode="r+")["ap"]
-    with zarr.config.set({"array.write_empty_chunks": False}):
+    with zarr.config.set({"array.write_empty_chunks": False}):  # (read when the array is opened)
+        a = zarr.open_group(str(store), mode="r+")["ap"]
         a[2 * ROWS:3 * ROWS] = 0  # an all-fill inner chunk is dropped from its shard: rows 128-191 are gone
     _damaged(lambda: FeatureSet.open(store), "'ap'", "rows 128-191")
     (store / "ap" / "c" / "1" / "0" / "0").unlink()  # the whole second shard: rows 256-449
@@ -216,3 +216,21 @@ def test_cli_refuses_damaged_stores_in_one_line(full_store, tmp_path):
                            "--no-verify", "--out", out), "train.zarr", "damaged", "array 'cls'")
     one_line_error(run_alf("report", "--store-root", tmp_path / "root", "--results", tmp_path / "ok",
                            "--out", tmp_path / "rep"), "train.zarr", "damaged")
+
+
+def test_chunk_of_fill_values_is_written_not_missing(tiny_model, tmp_path):
+    """A chunk whose every image was skipped holds only fill values (zero tokens, label -1); the writer stores it
+    anyway, so such a store is whole - a missing chunk file always means missing data."""
+    from alfcache.extract import ExtractConfig, extract
+    from conftest import write_image_folder
+
+    root = write_image_folder(tmp_path / "ds", classes=("cat", "dog"), per_class=6)
+    for f in sorted((root / "test" / "cat").iterdir())[:4]:
+        f.write_bytes(b"not an image")
+    (res,) = extract(ExtractConfig(model=f"local-dir:{tiny_model}", dataset=f"imagefolder:{root}", splits=["test"],
+                                   out=tmp_path / "f", workers=0, batch_size=2, chunk_rows=4, skip_corrupt=True,
+                                   progress=False))
+    assert (res.path / "labels" / "c" / "0").is_file() and (res.path / "cls" / "c" / "0" / "0" / "0").is_file()
+    fs = FeatureSet.open(res.path)
+    assert (fs.labels[:4] == -1).all() and (fs.labels[4:] >= 0).all() and len(fs.labels) == 12
+    verify_store(res.path)
