@@ -1,5 +1,5 @@
-"""`alf`: thin command-line glue over alfcache (extraction), probes (heads on stored tokens) and study.py
-(whole runs). Every command checks its arguments first - cheaply, before any heavy import or I/O - then makes
+"""`alf`: thin command-line glue over alfcache (extraction), probes (heads on stored tokens) and alfstudy
+(whole studies, here or on Slurm). Every command checks its arguments first - cheaply, before any heavy import or I/O - then makes
 one call. Errors are one line on stderr and exit 2; third-party log chatter goes to a log file (or, with -v, to
 the terminal)."""
 from __future__ import annotations
@@ -142,7 +142,7 @@ def setup_logging(verbose: bool) -> None:
         console.setLevel(logging.INFO)
     else:
         console.setLevel(logging.WARNING)
-        console.addFilter(lambda r: r.name.split(".")[0] in ("alfcache", "probes", "study", "cli"))
+        console.addFilter(lambda r: r.name.split(".")[0] in ("alfcache", "probes", "alfstudy", "cli"))
     root.addHandler(console)
     path = _log_file()
     try:
@@ -354,12 +354,12 @@ def probe(
     for option, value in (("--dataset", dataset), ("--model", model), ("--tap", tap)):
         if value is not None:
             _text(option, value)
-    import study
     from alfcache.format import default_root
+    from alfstudy.probe import probe_stores
 
-    md = study.probe_stores(store_root or default_root(), heads, out, dataset=dataset, model=model, protocol=protocol,
-                            seed=seed, device=device, allow_incomplete=allow_incomplete, tap=tap, verify=verify,
-                            distributed=distributed, seeds=seeds, echo=typer.echo)
+    md = probe_stores(store_root or default_root(), heads, out, dataset=dataset, model=model, protocol=protocol,
+                      seed=seed, device=device, allow_incomplete=allow_incomplete, tap=tap, verify=verify,
+                      distributed=distributed, seeds=seeds, echo=typer.echo)
     if md is not None:
         typer.echo("\n" + md.read_text())
         typer.echo(f"results in {out}/ (summary.md, summary.csv, one JSON per head)")
@@ -395,17 +395,28 @@ def report(
     _at_least("--seeds", seeds, 1, 100)
     for option, value in (("--store-root", store_root), ("--results", results), ("--out", out)):
         _path(option, value)
-    import study
     from alfcache.format import default_root
+    from alfstudy.report import build_report
+    from alfstudy.results import check_output
 
-    study.check_output(out)
-    index = study.build_report(store_root or default_root(), results, out, dataset=dataset, model=model,
-                               protocol=protocol, cka=cka, layers=layers, modules=modules, seed=seed, seeds=seeds,
-                               device=device, command=_command())
+    check_output(out)
+    index = build_report(store_root or default_root(), results, out, dataset=dataset, model=model,
+                         protocol=protocol, cka=cka, layers=layers, modules=modules, seed=seed, seeds=seeds,
+                         device=device, command=_command())
     typer.echo(f"report: {index}")
     means = out / "tables" / "means_vs_paper.md"
     if means.exists():
         typer.echo(means.read_text())
+
+
+def _key_values(option: str, items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", key.strip().lstrip("-")):
+            raise _bad(f"{option} takes KEY=VALUE (an sbatch option without its dashes), got '{item}'")
+        out[key.strip().lstrip("-")] = value
+    return out
 
 
 @app.command()
@@ -416,13 +427,38 @@ def reproduce(
     heads: str = typer.Option("all", help="comma-separated heads or all"),
     protocol: str = typer.Option("paper", "--protocol", "--grid", help="probe protocol (paper or clean also pick "
                                  "the registry's extraction protocol; quick extracts as paper)"),
-    root: Path = typer.Option(Path("."), help="folder for features/, results/ and reports/"),
+    root: Path = typer.Option(Path("."), help="folder for features/, results/, reports/ and study/ (markers, logs)"),
     device: str = typer.Option("auto"), workers: int = typer.Option(2), batch_size: int = typer.Option(128),
     dtype: str = typer.Option("float32", help="stored precision: float32 (as the authors) or float16 (half the disk)"),
     seed: int = typer.Option(0, help="first seed"),
     seeds: int = typer.Option(1, help="seeds per head (the paper: 1); tables show mean ± std over them"),
+    executor: str = typer.Option("local", help="local (this process) | slurm (job arrays through submitit)"),
+    plan: bool = typer.Option(False, "--plan", help="print the tasks it would run or submit, with estimates; run "
+                              "nothing"),
+    wait: bool = typer.Option(False, help="slurm: wait for the jobs, print the status, exit 1 if a pair failed"),
+    models_per_task: int = typer.Option(1, help="models of one dataset in one extraction task (one decode)"),
+    partition: Optional[str] = typer.Option(None, help="slurm: partition of the extraction tasks"),
+    gpus: int = typer.Option(1, help="slurm: GPUs per extraction task"),
+    cpus: int = typer.Option(8, help="slurm: CPUs per task"),
+    mem_gb: Optional[int] = typer.Option(None, help="slurm: memory per task (GB)"),
+    time_limit: int = typer.Option(720, "--time", help="slurm: time limit of an extraction task (minutes); a task "
+                                   "that reaches it is requeued and resumes"),
+    probe_partition: Optional[str] = typer.Option(None, help="slurm: partition of probe and report tasks "
+                                                  "(default: --partition)"),
+    probe_gpus: int = typer.Option(0, help="slurm: GPUs per probe task"),
+    probe_time: int = typer.Option(240, help="slurm: time limit of a probe task (minutes)"),
+    parallel: int = typer.Option(64, help="slurm: tasks of one array running at once"),
+    account: Optional[str] = typer.Option(None, help="slurm: account"),
+    qos: Optional[str] = typer.Option(None, help="slurm: QoS"),
+    slurm_opt: list[str] = typer.Option([], "--slurm", help="slurm: any sbatch option as KEY=VALUE (repeat it)"),
+    setup: list[str] = typer.Option([], help="slurm: a shell line run before each task, e.g. 'module load cuda' "
+                                    "(repeat it)"),
+    nodes_online: bool = typer.Option(False, help="slurm: the compute nodes have internet (else only what is in "
+                                      "the cache is submitted, and tasks run with HF_HUB_OFFLINE=1)"),
+    include_unreachable: bool = typer.Option(False, help="run or submit pairs the reachability check skips"),
 ):
-    """The whole study: extract (complete stores skipped), probe every head, report. Rerun to resume."""
+    """The whole study: extract (complete stores skipped), probe every head, report. Rerun to resume: only what
+    is missing runs (or is submitted). `alf status --root ROOT` shows where it stands."""
     model_list = [_model(m) for m in _names("--models", models)]
     from alfcache.datasets import PAPER_DATASETS
 
@@ -431,12 +467,39 @@ def reproduce(
     _protocol(protocol), _device(device), _path("--root", root), _choice("--dtype", dtype, ("float16", "float32"))
     _at_least("--workers", workers, 0, 256), _at_least("--batch-size", batch_size, 1, 1 << 16)
     _at_least("--seed", seed, 0, 2**31 - 1), _at_least("--seeds", seeds, 1, 100)
-    import study
+    _choice("--executor", executor, ("local", "slurm")), _at_least("--models-per-task", models_per_task, 1, 64)
+    for option, value, lo in (("--gpus", gpus, 0), ("--cpus", cpus, 1), ("--time", time_limit, 1),
+                              ("--probe-gpus", probe_gpus, 0), ("--probe-time", probe_time, 1),
+                              ("--parallel", parallel, 1)):
+        _at_least(option, value, lo)
+    extra = _key_values("--slurm", slurm_opt)
+    slurm = None
+    if executor == "slurm":
+        from alfstudy.executors import Resources, SlurmOptions
 
-    study.reproduce(model_list, dataset_list, head_list, root=root, protocol=protocol, device=device,
-                    workers=workers, batch_size=batch_size, dtype=dtype, seed=seed, seeds=seeds,
-                    command=_command(), echo=typer.echo,
-                    echo_err=lambda text: typer.secho(text, err=True, fg=typer.colors.RED))
+        common = dict(cpus=cpus, mem_gb=mem_gb, account=account, qos=qos, extra=extra)
+        slurm = SlurmOptions(Resources(partition=partition, gpus=gpus, time_min=time_limit, **common),
+                             Resources(partition=probe_partition or partition, gpus=probe_gpus, time_min=probe_time,
+                                       **common), parallel=parallel, setup=list(setup))
+    elif wait or extra or setup:
+        raise _bad("--wait, --slurm and --setup go with --executor slurm")
+    from alfstudy.reproduce import reproduce as run
+
+    run(model_list, dataset_list, head_list, root=root, protocol=protocol, device=device, workers=workers,
+        batch_size=batch_size, dtype=dtype, seed=seed, seeds=seeds, command=_command(), executor=executor,
+        slurm=slurm, plan_only=plan, wait=wait, models_per_task=models_per_task, nodes_online=nodes_online,
+        include_unreachable=include_unreachable, echo=typer.echo,
+        echo_err=lambda text: typer.secho(text, err=True, fg=typer.colors.RED))
+
+
+@app.command()
+def status(root: Path = typer.Option(Path("."), help="the --root of `alf reproduce`")):
+    """The study under ROOT: planned / queued / running / done / failed per pair and stage, with job ids, log files
+    and errors - read from the study's own files, not from the scheduler's accounting."""
+    _path("--root", root)
+    from alfstudy.status import table
+
+    typer.echo(table(root))
 
 
 # ------------------------------------------------------------------------------------------ entry point

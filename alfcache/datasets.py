@@ -341,9 +341,12 @@ def open_webdataset(folder: Path, dataset: str, split: str, source: str = "") ->
 
 
 def open_hub_dataset(name: str, split: str) -> HFSource:
+    from .locks import dataset_lock
+
     entry = HUB_DATASETS[name]
-    folder = wds_folder(entry, split)
-    return open_webdataset(folder, name, split, source=_wds_source(folder, entry.repo))
+    with dataset_lock(entry.repo):  # one task downloads and prepares it; the others then read the cache
+        folder = wds_folder(entry, split)
+        return open_webdataset(folder, name, split, source=_wds_source(folder, entry.repo))
 
 
 def open_hf(arg: str, split: str) -> HFSource:
@@ -362,7 +365,10 @@ def open_hf(arg: str, split: str) -> HFSource:
                 obj = obj[split]
             ds = obj
         else:
-            ds = hfd.load_dataset(arg, split=split)
+            from .locks import dataset_lock
+
+            with dataset_lock(arg):  # one task downloads and prepares it; the others then read the cache
+                ds = hfd.load_dataset(arg, split=split)
     except AlfError:
         raise
     except Exception as e:

@@ -359,6 +359,9 @@ def _run_split(targets: list[tuple[Job, dict, Path]], source: ImageSource) -> li
             results[i] = SplitResult(source.split, path, "skipped", len(source))
             continue
         all_pending = sink.pending()
+        if len(all_pending) < sink.num_chunks:
+            log.info("%s: resuming, %d of %d chunks already written", path, sink.num_chunks - len(all_pending),
+                     sink.num_chunks)
         pending = [k for k in all_pending if k % dist.world == dist.rank]  # disjoint, chunk-aligned shares
         batches = ChunkBatches(pending, sink.rows, sink.n, cfg.batch_size).batches
         live.append(Target(job, path, sink, batches, index=i, all_pending=len(all_pending)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 from contextlib import contextmanager
@@ -100,3 +101,39 @@ def _pid_alive(pid) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _datasets_cache() -> Path:
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE)
+
+
+@contextmanager
+def dataset_lock(name: str, folder: Path | None = None):
+    """One preparer per dataset at a time: tasks of a study that need the same dataset at once (one per model)
+    queue here, so the first downloads it and builds the Hugging Face `datasets` cache and the others then read
+    that cache - nobody downloads it twice or reads a half-built copy. An flock on a file in the datasets cache
+    (shared by every task that shares the cache); the system releases it when its holder exits or dies."""
+    import fcntl
+
+    folder = Path(folder) if folder is not None else _datasets_cache()
+    path = folder / "alfcache-locks" / (re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        err = os_error(path.parent, e)
+        if err is None:
+            raise
+        raise err from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("dataset %s is being prepared by another task; waiting for it (%s)", name, path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from probes.cka import cka
+from alfstudy.cka import cka
 
 
 def direct_debiased_cka(X, Y):
@@ -83,11 +83,16 @@ def test_reproduce_mini_end_to_end(tmp_path):
     # per-layer table: one row per (layer, kind), CKA of the last layer with itself is 1
     layers = list(csv.DictReader(open(next((tmp_path / "reports" / "layers").rglob("layers.csv")))))
     assert len(layers) in (8, 12) and float(layers[-1]["cka_linear_with_last"]) == pytest.approx(1.0)
-    # idempotent: a rerun skips extraction and every finished head
+    # idempotent: a rerun finds every pair done from its markers, stores and result files, and runs no task
     p2 = subprocess.run(make, capture_output=True, text=True, env=env, timeout=900)
     assert p2.returncode == 0
-    assert p2.stdout.count("skipped") == 4 and p2.stdout.count("2 of 2 heads done") == 2
-    assert "running" not in p2.stdout and "done: 0 heads trained now, 4 results" in p2.stdout
+    assert "done: 0 heads trained now; 2 of 2 pair(s) were already done" in p2.stdout
+    assert "written" not in p2.stdout and "running" not in p2.stdout and "4 results in" in p2.stdout
+    # a deleted result file is found missing and only that head is trained again
+    next((tmp_path / "results").rglob("alf.json")).unlink()
+    p3 = subprocess.run(make, capture_output=True, text=True, env=env, timeout=900)
+    assert p3.returncode == 0 and "done: 1 heads trained now; 1 of 2 pair(s) were already done" in p3.stdout
+    assert "1 of 2 heads done, running alf" in p3.stdout
     # the first run printed one result line per head, as `alf probe` does
     assert p.stdout.count(": test balanced acc") == 4
 

@@ -17,7 +17,7 @@ def test_paper_datasets_resolve_to_hub_ids():
     import csv
     from pathlib import Path
 
-    paper = {r["dataset"] for r in csv.DictReader(open(Path(__file__).parents[1] / "probes" / "paper_results.csv"))}
+    paper = {r["dataset"] for r in csv.DictReader(open(Path(__file__).parents[1] / "alfstudy" / "paper_results.csv"))}
     assert paper == set(PAPER_DATASETS)  # the same 19 names as the paper's table
     assert HUB_DATASETS["fer2013"].repo == "clip-benchmark/wds_fer2013"
     assert HUB_DATASETS["pets"].repo == "clip-benchmark/wds_vtab-pets"
@@ -90,3 +90,41 @@ def test_dataset_slugs_cannot_escape(tmp_path):
 
     p = store_path(tmp_path, "../../evil", "../x", "../train")
     assert tmp_path in p.parents and ".." not in p.relative_to(tmp_path).parts
+
+
+def test_two_tasks_preparing_one_dataset_take_turns(tmp_path):
+    """Two study tasks needing the same dataset at once (one per model): one prepares the Hugging Face datasets
+    cache while the other waits, then reads the same prepared copy."""
+    import subprocess
+    import sys
+    import time
+
+    write_shards(tmp_path / "mirror" / "wds_fer2013", n_per_split=(400, 5))
+    code = """
+import os, sys, time, logging
+logging.basicConfig(level=logging.WARNING)
+from alfcache.datasets import open_source
+import datasets
+open(sys.argv[1] + '.ready', 'w').close()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.005)
+src = open_source('fer2013', 'train')
+print('N', len(src), src.fingerprint(), sorted(src.labels.tolist())[:5])
+"""
+    env = dict(__import__("os").environ, ALF_DATASETS_DIR=str(tmp_path / "mirror"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_CACHE=str(tmp_path / "cache"))
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"p{i}"), str(go)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    end = time.time() + 120
+    while not all((tmp_path / f"p{i}.ready").exists() for i in range(2)) and time.time() < end:
+        time.sleep(0.05)
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    lines = [next(l for l in o[0].splitlines() if l.startswith("N ")) for o in outs]
+    assert lines[0] == lines[1] and lines[0].startswith("N 400 ")
+    waited = [o for o in outs if "being prepared by another task; waiting" in o[1]]
+    assert len(waited) == 1  # the second took its turn instead of preparing it at the same time
+    prepared = {p.parent for p in (tmp_path / "cache").rglob("*.arrow")}
+    assert len(prepared) == 1  # one prepared copy, read by both

@@ -69,7 +69,7 @@ sys.meta_path.insert(0, Block())
 import numpy as np
 import probes
 from probes import FeatureSet, fit, HEADS
-from probes import runner, report, layerwise, results, cka
+from probes import runner, results
 fs = FeatureSet.from_arrays(cls=np.random.default_rng(0).standard_normal((40, 2, 4)), labels=np.arange(40) % 2)
 fit(fs, 'alf', protocol={'base': 'quick', 'lr': (0.1,), 'wd': (1e-4,), 'dropout': (0.0,), 'epochs': 1,
                          'min_steps': 2}, progress=False)

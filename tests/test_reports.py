@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from probes.report import figure_facts
+from alfstudy.report import figure_facts
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +22,13 @@ def two_models(tmp_path_factory):
         m = build_random_model(root / "models" / name, img_size=16, patch_size=4, embed_dim=32, depth=depth,
                                num_heads=2, seed=seed)
         extract(ExtractConfig(model=str(m), dataset="digits", out=root / "features", workers=0, progress=False))
-    import study
+    from alfstudy import probe as study_probe, report as study_report
 
     small = {"base": "quick", "min_steps": 40, "epochs": 2}  # the quick protocol, shortened for the suite
     lines = []
-    study.probe_stores(root / "features", ["linear", "alf"], root / "results", protocol=small, seeds=2,
+    study_probe.probe_stores(root / "features", ["linear", "alf"], root / "results", protocol=small, seeds=2,
                        echo=lines.append)
-    study.build_report(root / "features", root / "results", root / "reports", protocol=small, seeds=2,
+    study_report.build_report(root / "features", root / "results", root / "reports", protocol=small, seeds=2,
                        command="alf report --store-root features --seeds 2")
     return root, "\n".join(lines)
 

@@ -132,7 +132,7 @@ def test_image_rules_recorded_in_the_store(digits_stores):
 
 
 def test_result_files_are_whole_and_damaged_ones_redone(tmp_path, caplog):
-    import study
+    from alfstudy import results as study
     from probes.results import collect, write_result, write_summary
 
     rec = {"dataset": "d", "model": "m", "head": "linear", "test_balanced_accuracy": 50.0, "chosen": {},

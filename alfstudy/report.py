@@ -20,7 +20,7 @@ import numpy as np
 
 from alfcache.format import write_atomic
 
-from .results import HEAD_ORDER, _slug, collect, csv_text, fmt_spread, markdown_table, spread
+from probes.results import HEAD_ORDER, _slug, collect, csv_text, fmt_spread, markdown_table, spread
 
 PAPER_CSV = Path(__file__).with_name("paper_results.csv")
 
@@ -319,3 +319,71 @@ def write_index(out_dir: Path, sections: dict[str, list[tuple[str, Path]]], prov
     index = out_dir / "index.md"
     write_atomic(index, "\n".join(lines) + "\n")
     return index
+
+
+# ------------------------------------------------------------------------------------------ the report
+def _store_provenance(meta: dict, protocol: str, seeds: int, command: str) -> dict:
+    m = meta.get("model", {})
+    return {"model_source": m.get("source_id"), "pretrained_weights": m.get("pretrained_weights"),
+            "weights_fingerprint": m.get("fingerprint"), "extraction_protocol": meta.get("extraction", {}).get("protocol"),
+            "protocol": protocol, "seeds": seeds, "date": time.strftime("%Y-%m-%d %H:%M"), "command": command}
+
+
+def _results_provenance(rows: list[dict]) -> dict[str, dict]:
+    """Per model, from the results: weights, protocols, seeds and each dataset's chance level."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        p = out.setdefault(r["model"], {"model_source": r["model_source"], "pretrained_weights": r["pretrained_weights"],
+                                        "weights_fingerprint": r["weights_fingerprint"],
+                                        "extraction_protocol": r["extraction_protocol"], "protocol": set(),
+                                        "seeds": set(), "datasets": {}})
+        p["protocol"].add(str(r["protocol"]))
+        p["seeds"].add(r["seeds"])
+        p["datasets"][r["dataset"]] = r["chance"]
+    for p in out.values():
+        p["protocol"] = ", ".join(sorted(p["protocol"]))
+        p["seeds"] = "; ".join(sorted(p["seeds"]))
+        p["datasets"] = ", ".join(f"{d} ({c})" for d, c in sorted(p["datasets"].items()))
+    return out
+
+
+def build_report(store_root: Path, results: Path, out: Path, *, dataset: str | None = None,
+                 model: str | None = None, protocol: str = "quick", cka: str = "linear", layers: bool = True,
+                 modules: bool = True, seed: int = 0, seeds: int = 1, device: str = "auto",
+                 command: str = "") -> Path:
+    """Per-layer accuracy + CKA, module pictures, ALF heatmaps and tables against the paper, linked from
+    index.md, with where every number came from."""
+    from probes.features import FeatureSet, check_compatible
+    from .layerwise import layer_sweep, module_sweep
+    from probes.results import _slug, collect
+    from probes.runner import discover
+
+    sections: dict[str, list] = {"Per-layer linear probes and CKA": [], "ALF layer-attention heatmaps": [],
+                                 "Tables": []}
+    provenance: dict[str, dict] = {}
+    if layers:
+        for pair in discover(store_root, dataset, model, skip_unusable=True):
+            train, test = FeatureSet.open(pair.train), FeatureSet.open(pair.test)
+            check_compatible(train, test)
+            prov = _store_provenance(train.meta, protocol, seeds, command)
+            rows = layer_sweep(train, test, protocol=protocol, seed=seed, seeds=seeds, device=device, kernel=cka)
+            provenance.setdefault(pair.model, {**prov, "datasets": ""})
+            d = out / "layers" / _slug(pair.folder) / _slug(pair.model)
+            label = f"{pair.dataset} x {pair.model}"
+            files = layer_report(rows, d, label, prov)
+            sections["Per-layer linear probes and CKA"] += [(label, files["md"]), (f"{label} (plot)", files["png"])]
+            if modules and train.module_taps:
+                mfiles = module_report(module_sweep(train, test, protocol=protocol, seed=seed, seeds=seeds,
+                                                    device=device), d, label, prov)
+                sections.setdefault("Module-level probes", []).extend(
+                    [(label, mfiles["md"]), (f"{label} (plot)", mfiles["png"])])
+    if results.is_dir():
+        rows = collect(results)
+        provenance.update(_results_provenance(rows))
+        for m, files in alf_heatmaps(results, sorted({r["model"] for r in rows}), out / "heatmaps",
+                                     provenance=provenance).items():
+            sections["ALF layer-attention heatmaps"] += [(f"{m} (plot)", files["png"]), (f"{m} (CSV)", files["csv"])]
+        note = f"_Made by `{command or 'alf report'}`; provenance of every model in ../index.md._\n\n"
+        for label, path in comparison_tables(results, out / "tables", note).items():
+            sections["Tables"].append((label, path))
+    return write_index(out, sections, provenance, command)

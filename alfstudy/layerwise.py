@@ -8,12 +8,12 @@ from __future__ import annotations
 import numpy as np
 
 from .cka import cka
-from .features import FeatureSet
-from .fitting import balanced_accuracy, validation_split
-from .heads import PerTokenProbe
-from .protocol import resolve_protocol
-from .selection import TokenSpec
-from .train import predict_logits, resolve_device, train_configs
+from probes.features import FeatureSet
+from probes.fitting import balanced_accuracy, validation_split
+from probes.heads import PerTokenProbe
+from probes.protocol import resolve_protocol
+from probes.selection import TokenSpec
+from probes.train import predict_logits, resolve_device, train_configs
 
 
 
@@ -77,7 +77,7 @@ def module_sweep(train: FeatureSet, test: FeatureSet, pool: str = "mean", protoc
     one row per block with the test balanced accuracy of each module and the best module."""
     kinds = train.module_taps
     if not kinds:
-        from .errors import ProbeError
+        from probes.errors import ProbeError
 
         raise ProbeError("the store has no module taps; extract with --taps modules")
     per_module = {k: layer_sweep(train.select_tap(k), test.select_tap(k), protocol=protocol, seed=seed,
