@@ -42,9 +42,12 @@ fetch:
 PROTOCOL ?= paper
 SEEDS ?= 1
 ROOT ?= .
+# On Slurm: make reproduce EXECUTOR=slurm ROOT=/shared/me/alf SLURM_ARGS="--partition gpu --parallel 20"
+EXECUTOR ?= local
+SLURM_ARGS ?=
 reproduce:
 	$(ALF) reproduce --root $(ROOT) --protocol $(PROTOCOL) --seeds $(SEEDS) $(if $(MODELS),--models $(MODELS)) \
-		$(if $(DATASETS),--datasets $(DATASETS)) $(if $(HEADS),--heads $(HEADS))
+		$(if $(DATASETS),--datasets $(DATASETS)) $(if $(HEADS),--heads $(HEADS)) --executor $(EXECUTOR) $(SLURM_ARGS)
 
 # Same pipeline and code on the embedded digits data with two small locally built (random-weight) models.
 MINI ?= mini
@@ -58,5 +61,6 @@ reproduce-mini:
 
 # Benchmarks: each prints ratios measured within one run (results also in benchmarks/results/*.json).
 bench:
-	cd benchmarks && for b in bench_cli bench_offline bench_alf bench_extract bench_store bench_grid bench_sklearn bench_mmap bench_scaling bench_load; do \
+	cd benchmarks && for b in bench_cli bench_offline bench_alf bench_extract bench_store bench_grid bench_sklearn bench_mmap bench_scaling bench_load bench_multi; do \
 		../$(PY) $$b.py || exit 1; done
+	@if sinfo -h >/dev/null 2>&1; then cd benchmarks && ../$(PY) bench_study_submit.py; else echo "(no Slurm: bench_study_submit skipped; scripts/slurm.sh start)"; fi

@@ -85,7 +85,7 @@ def _dataset(value: str) -> str:
 
 
 def _heads(value: str) -> list[str]:
-    from probes.runner import check_heads
+    from probes.heads import check_heads
 
     heads = _names("--head", value)
     check_heads(heads)
@@ -436,7 +436,8 @@ def reproduce(
     plan: bool = typer.Option(False, "--plan", help="print the tasks it would run or submit, with estimates; run "
                               "nothing"),
     wait: bool = typer.Option(False, help="slurm: wait for the jobs, print the status, exit 1 if a pair failed"),
-    models_per_task: int = typer.Option(1, help="models of one dataset in one extraction task (one decode)"),
+    models_per_task: str = typer.Option("auto", help="models of one dataset in one extraction task, sharing one "
+                                        "decode of every image: N, or auto (the models that decoding limits)"),
     partition: Optional[str] = typer.Option(None, help="slurm: partition of the extraction tasks"),
     gpus: int = typer.Option(1, help="slurm: GPUs per extraction task"),
     cpus: int = typer.Option(8, help="slurm: CPUs per task"),
@@ -467,7 +468,10 @@ def reproduce(
     _protocol(protocol), _device(device), _path("--root", root), _choice("--dtype", dtype, ("float16", "float32"))
     _at_least("--workers", workers, 0, 256), _at_least("--batch-size", batch_size, 1, 1 << 16)
     _at_least("--seed", seed, 0, 2**31 - 1), _at_least("--seeds", seeds, 1, 100)
-    _choice("--executor", executor, ("local", "slurm")), _at_least("--models-per-task", models_per_task, 1, 64)
+    _choice("--executor", executor, ("local", "slurm"))
+    if models_per_task != "auto" and not models_per_task.isdigit():
+        raise _bad(f"--models-per-task takes a number or auto (got '{models_per_task}')")
+    per_task = None if models_per_task == "auto" else _at_least("--models-per-task", int(models_per_task), 1, 64)
     for option, value, lo in (("--gpus", gpus, 0), ("--cpus", cpus, 1), ("--time", time_limit, 1),
                               ("--probe-gpus", probe_gpus, 0), ("--probe-time", probe_time, 1),
                               ("--parallel", parallel, 1)):
@@ -487,7 +491,7 @@ def reproduce(
 
     run(model_list, dataset_list, head_list, root=root, protocol=protocol, device=device, workers=workers,
         batch_size=batch_size, dtype=dtype, seed=seed, seeds=seeds, command=_command(), executor=executor,
-        slurm=slurm, plan_only=plan, wait=wait, models_per_task=models_per_task, nodes_online=nodes_online,
+        slurm=slurm, plan_only=plan, wait=wait, models_per_task=per_task, nodes_online=nodes_online,
         include_unreachable=include_unreachable, echo=typer.echo,
         echo_err=lambda text: typer.secho(text, err=True, fg=typer.colors.RED))
 

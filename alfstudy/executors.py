@@ -68,7 +68,11 @@ def run_local(study: Study, tasks: Tasks, echo: Echo) -> list[str]:
             failed += probe_task(study, Unit(unit.dataset, ok), echo)
     for unit in tasks.probe_only:
         failed += probe_task(study, unit, echo)
-    report_task(study, echo)
+    index = study.reports / "index.md"
+    if tasks.empty and index.is_file():  # nothing ran: the report of the last run stands
+        echo(f"nothing to do; the report is up to date: {index}")
+    else:
+        report_task(study, echo)
     return failed
 
 

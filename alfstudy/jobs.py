@@ -90,9 +90,25 @@ def probing_done(study: Study, dataset: str, model: str) -> bool:
     return bool(heads) and all(result_done(Path(rec["results"]), h, study.protocol, study.seed_list) for h in heads)
 
 
-def cut(study: Study, models: list[str], datasets: list[str], models_per_task: int = 1) -> Tasks:
-    """The tasks still to run, dataset by dataset; `models_per_task` models of a dataset share one task (and one
-    decode of every image)."""
+# decoding and resizing one full-size JPEG on one CPU core, measured by benchmarks/bench_multi.py (13 ms)
+DECODE_S = 0.013
+
+
+def decode_bound(estimates: dict, dataset: str, models: list[str], cpus: int) -> list[str]:
+    """The models whose forward pass per image (the plan's estimate) is quicker than decoding the image on the
+    task's CPUs: decoding limits them, so they gain from sharing one decode."""
+    from alfcache.datasets import dataset_size
+
+    n = max(1, sum(dataset_size(dataset).values()))
+    per_image = DECODE_S / max(1, cpus)
+    return [m for m in models if (e := estimates.get((dataset, m))) is not None and e["seconds"] / n < per_image]
+
+
+def cut(study: Study, models: list[str], datasets: list[str], models_per_task: int | None = 1,
+        estimates: dict | None = None, cpus: int = 1) -> Tasks:
+    """The tasks still to run, dataset by dataset. `models_per_task` models of a dataset share one task (and one
+    decode of every image); None: the decode-bound models of a dataset (see `decode_bound`) share one task, the
+    others get one each."""
     tasks = Tasks()
     for d in datasets:
         todo = []
@@ -103,6 +119,10 @@ def cut(study: Study, models: list[str], datasets: list[str], models_per_task: i
                 tasks.probe_only.append(Unit(d, (m,)))
             else:
                 tasks.done.append((d, m))
-        for i in range(0, len(todo), models_per_task):
-            tasks.extract.append(Unit(d, tuple(todo[i:i + models_per_task])))
+        if models_per_task is None:
+            shared = decode_bound(estimates or {}, d, todo, cpus)
+            groups = ([tuple(shared)] if shared else []) + [(m,) for m in todo if m not in shared]
+        else:
+            groups = [tuple(todo[i:i + models_per_task]) for i in range(0, len(todo), models_per_task)]
+        tasks.extract += [Unit(d, g) for g in groups]
     return tasks

@@ -19,9 +19,10 @@ class Plan:
 
 
 def plan_study(models: list[str], datasets: list[str], device: str, *, online: bool | None = None,
-               dtype: str = "float32") -> Plan:
+               dtype: str = "float32", plan_all: bool = False) -> Plan:
     """Reachability of every model and dataset (`online=None`: ask the hub from here; False: only what is in the
-    cache counts, as on compute nodes without internet) and the estimates."""
+    cache counts, as on compute nodes without internet) and the estimates (of the unreachable pairs too with
+    `plan_all`)."""
     from alfcache.datasets import check_dataset, dataset_size
     from alfcache.plan import check_model, estimate, free_bytes, human_bytes, human_seconds, model_facts
     from alfcache.weights import hub_reachable
@@ -43,16 +44,18 @@ def plan_study(models: list[str], datasets: list[str], device: str, *, online: b
     plan.lines += [f"  {'ok  ' if c.reachable else 'SKIP'} {c.kind} {c.name}: {c.reason}" for c in checks]
     scale = 2 if dtype == "float32" else 1  # alfcache's estimate counts float16 tokens
     total_s = total_b = 0.0
-    for m in plan.models:
-        facts = model_facts(m)
+    for m in dict.fromkeys(models):  # every pair has an estimate; the total counts the reachable ones
+        facts = model_facts(m) if m in plan.models or plan_all else None
         if facts is None:
-            plan.lines.append(f"  (no time/disk estimate for {m})")
+            if m in plan.models:
+                plan.lines.append(f"  (no time/disk estimate for {m})")
             continue
-        for d in plan.datasets:
+        for d in dict.fromkeys(datasets):
             e = estimate(facts, sum(dataset_size(d).values()), facts["depth"], device)
             e = {"seconds": e["seconds"], "bytes": e["bytes"] * scale}
             plan.estimates[(d, m)] = e
-            total_s, total_b = total_s + e["seconds"], total_b + e["bytes"]
+            if m in plan.models and d in plan.datasets:
+                total_s, total_b = total_s + e["seconds"], total_b + e["bytes"]
     plan.lines.append(f"estimated extraction: {human_seconds(total_s)}, stores {human_bytes(total_b)} "
                       f"(free: {human_bytes(free_bytes(Path('.')))})")
     return plan

@@ -5,6 +5,7 @@ and the `alf fetch` command that fixes it is printed. A failing pair is reported
 then ends in an error naming the failed pairs and the command that redoes them (the same command)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,27 +26,41 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def _plan_lines(plan: Plan, tasks: Tasks, slurm: SlurmOptions | None) -> list[str]:
-    """`--plan`: the jobs it would submit, with the estimated GPU hours and disk of every extraction task."""
-    from alfcache.plan import human_bytes
+def _plan_lines(plan: Plan, tasks: Tasks, slurm: SlurmOptions | None, cpus: int) -> list[str]:
+    """`--plan`: the tasks it would run or submit, with the estimated device time and disk of every extraction
+    task. A task's time is its models' forward time or the time its CPUs take to decode the images, whichever
+    is longer (they overlap); models sharing a decode pay for it once."""
+    from alfcache.datasets import dataset_size
+    from alfcache.plan import human_bytes, human_seconds
+
+    from .jobs import DECODE_S
 
     gpus = slurm.extract.gpus if slurm else (1 if plan.device == "cuda" else 0)
+    unit = "GPU" if gpus else "CPU"
     n_extract, n_probe = len(tasks.extract), len(tasks.extract) + len(tasks.probe_only)
-    lines = [f"would submit: {n_extract} extraction task(s), {n_probe} probe task(s), 1 report job; "
-             f"{len(tasks.done)} pair(s) already done"]
-    tot_h = tot_b = 0.0
+    lines = [f"would {'submit' if slurm else 'run'}: {n_extract} extraction task(s), {n_probe} probe task(s), "
+             f"1 report job; {len(tasks.done)} pair(s) already done"]
+    tot_s = tot_b = alone_s = 0.0
     for u in tasks.extract:
         est = [plan.estimates.get((u.dataset, m)) for m in u.models]
         if any(e is None for e in est):
             lines.append(f"  extract {u.label}: no estimate")
             continue
-        hours = sum(e["seconds"] for e in est) / 3600 * max(gpus, 1)
+        decode = sum(dataset_size(u.dataset).values()) * DECODE_S / max(1, cpus)
+        secs = max(sum(e["seconds"] for e in est), decode) * max(gpus, 1)
+        alone_s += sum(max(e["seconds"], decode) for e in est) * max(gpus, 1)
         disk = sum(e["bytes"] for e in est)
-        tot_h, tot_b = tot_h + hours, tot_b + disk
-        lines.append(f"  extract {u.label}: ~{hours:.2f} {'GPU' if gpus else 'CPU'} h, {human_bytes(disk)}")
+        tot_s, tot_b = tot_s + secs, tot_b + disk
+        lines.append(f"  extract {u.label}: ~{human_seconds(secs)} {unit} time, {human_bytes(disk)}")
+    shared = [u for u in tasks.extract if len(u.models) > 1]
+    if shared:
+        lines.append(f"  {len(shared)} extraction task(s) run several models over one decode of each image: "
+                     f"decoding limits them (their forward per image is quicker than decoding it on {cpus} CPU(s)); "
+                     f"~{human_seconds(alone_s)} with one task per model. --models-per-task 1 gives each its own")
     for u in tasks.probe_only:
         lines.append(f"  probe {u.label} (stores complete)")
-    lines.append(f"total extraction: ~{tot_h:.1f} {'GPU' if gpus else 'CPU'} h, {human_bytes(tot_b)} of stores")
+    lines.append(f"total extraction: ~{tot_s / 3600:.1f} {unit} h, {human_bytes(tot_b)} of stores (estimates: "
+                 f"forward FLOPs at a nominal throughput, or decoding at {DECODE_S * 1000:.0f} ms per image per CPU)")
     return lines
 
 
@@ -53,14 +68,14 @@ def reproduce(models: list[str], datasets: list[str], heads: list[str], *, root:
               device: str = "auto", workers: int = 2, batch_size: int = 128, dtype: str = "float32",
               seed: int = 0, seeds: int = 1, command: str = "", executor: str = "local",
               slurm: SlurmOptions | None = None, plan_only: bool = False, wait: bool = False,
-              models_per_task: int = 1, nodes_online: bool = False, include_unreachable: bool = False,
+              models_per_task: int | None = None, nodes_online: bool = False, include_unreachable: bool = False,
               echo: Echo = print, echo_err: Echo = _stderr) -> Path | None:
     """The whole study; returns the report index (local), None when submitted or only planned."""
     on_slurm = executor == "slurm"
     # Slurm: the compute nodes may have no internet, so only what is cached counts (unless told otherwise)
     online = None if not on_slurm else nodes_online
     est_device = device if not on_slurm else ("cuda" if slurm.extract.gpus else "cpu")
-    plan = plan_study(models, datasets, est_device, online=online, dtype=dtype)
+    plan = plan_study(models, datasets, est_device, online=online, dtype=dtype, plan_all=include_unreachable)
     for line in plan.lines:
         echo(line)
     run_models, run_datasets = (models, datasets) if include_unreachable else (plan.models, plan.datasets)
@@ -69,10 +84,11 @@ def reproduce(models: list[str], datasets: list[str], heads: list[str], *, root:
     study = Study(root=Path(root), heads=heads, protocol=protocol, seed=seed, seeds=seeds, device=device,
                   workers=workers, batch_size=batch_size, dtype=dtype, command=command,
                   online=plan.online or include_unreachable)
-    tasks = cut(study, run_models, run_datasets, models_per_task)
+    cpus = slurm.extract.cpus if on_slurm else (os.cpu_count() or 1)
+    tasks = cut(study, run_models, run_datasets, models_per_task, plan.estimates, cpus)
     skipped = [] if include_unreachable else plan.missing_models + plan.missing_datasets
     if plan_only:
-        for line in _plan_lines(plan, tasks, slurm):
+        for line in _plan_lines(plan, tasks, slurm, cpus):
             echo(line)
         echo("(--plan: nothing submitted)")
         return None

@@ -118,13 +118,20 @@ def report_task(study: Study, echo: Echo = print) -> Path:
 
     from .report import build_report
     from .results import check_output
-    from .status import write_status
+    from .status import failed_pairs, write_status
 
     check_output(study.reports)
     _, _, rows = write_summary(study.results)
     index = build_report(study.features, study.results, study.reports, protocol="quick", seed=study.seed,
                          seeds=study.seeds, device=study.device, command=study.command)
     status = write_status(study.root)
+    failed = failed_pairs(study.root)
+    if failed:  # the report says which pairs are missing from it, and how to get them
+        text = index.read_text() + (
+            f"\n## Failed pairs\n\n{len(failed)} dataset x model pair(s) failed and are not in these tables: "
+            f"{', '.join(failed)}. Their errors and log files: [study status](../study/status.md). Fix the cause "
+            f"and rerun `{study.command or 'alf reproduce'}`: only what is missing runs.\n")
+        state.put(index, text.encode())
     echo(f"{len(rows)} results in {study.results}/ (summary.md), report {index}, status {status}")
     return index
 

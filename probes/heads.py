@@ -181,3 +181,16 @@ def head_from_dict(d: dict) -> Head:
 
 def supported_heads(fs) -> list[str]:
     return [n for n, h in HEADS.items() if not h.tokens.patches or fs.patches is not None]
+
+
+def check_heads(heads: list[str], has_patches: bool | None = None) -> None:
+    """Refuse unknown heads, and heads that need patch tokens a store does not have, before any work."""
+    if not heads:
+        raise ProbeError("no head given (--head needs at least one name, or 'all')")
+    for h in heads:
+        if h == "all":
+            continue
+        if h not in HEADS:
+            raise unknown_name("head", h, list(HEADS) + ["all"])
+        if has_patches is False and HEADS[h].tokens.patches:
+            raise ProbeError(f"head '{h}' needs last-layer patch tokens; the store has none (extract with --patches)")

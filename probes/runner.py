@@ -15,7 +15,7 @@ from .features import FeatureSet, check_compatible, verify_store
 from .ranks import current as current_ranks
 from .results import combine_seeds, write_result
 from .fitting import fit
-from .heads import HEADS, head_spec, supported_heads
+from .heads import HEADS, check_heads, head_spec, supported_heads
 
 
 @dataclass
@@ -123,19 +123,6 @@ def discover(store_root: str | Path, dataset: str | None = None, model: str | No
             raise next(iter(damaged.values()))
         raise ProbeError(f"no stores for dataset={dataset} model={model} under '{root}'")
     return pairs
-
-
-def check_heads(heads: list[str], has_patches: bool | None = None) -> None:
-    """Refuse unknown heads, and heads that need patch tokens a store does not have, before any work."""
-    if not heads:
-        raise ProbeError("no head given (--head needs at least one name, or 'all')")
-    for h in heads:
-        if h == "all":
-            continue
-        if h not in HEADS:
-            raise unknown_name("head", h, list(HEADS) + ["all"])
-        if has_patches is False and HEADS[h].tokens.patches:
-            raise ProbeError(f"head '{h}' needs last-layer patch tokens; the store has none (extract with --patches)")
 
 
 def run_heads(pair: StorePair, heads: list[str], protocol: str | dict, out: Path, *, seed: int = 0, device=None,

@@ -62,7 +62,7 @@ import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
         top = name.split('.')[0]
-        if top in ('timm', 'transformers', 'torchvision') or (name.startswith('alfcache.') and name != 'alfcache.format'):
+        if top in ('timm', 'transformers', 'torchvision', 'alfstudy') or (name.startswith('alfcache.') and name != 'alfcache.format'):
             raise ImportError('blocked: ' + name)
         return None
 sys.meta_path.insert(0, Block())
@@ -78,3 +78,28 @@ print('ok', sorted(m for m in sys.modules if m.startswith('alfcache')))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "ok ['alfcache', 'alfcache.format']" in p.stdout
+
+
+def test_the_packages_import_only_downwards():
+    """The house reads extract -> store -> probe -> study: alfcache imports neither probes nor alfstudy, probes
+    imports no alfstudy and of alfcache only the store contract, and every import (also the ones inside
+    functions) is seen here - read from the source, not from what one run happens to load."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def imports(pkg):
+        for f in sorted((root / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Import):
+                    yield from ((f.name, a.name) for a in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    yield f.name, node.module
+
+    bad = [(f, m) for f, m in imports("alfcache") if m.split(".")[0] in ("probes", "alfstudy", "cli")]
+    bad += [(f, m) for f, m in imports("probes")
+            if m.split(".")[0] in ("alfstudy", "cli", "timm", "transformers", "torchvision")
+            or (m.split(".")[0] == "alfcache" and m != "alfcache.format")]
+    assert bad == []
+    assert any(m.startswith("probes") for _, m in imports("alfstudy"))  # the study does use both packages
