@@ -153,3 +153,16 @@ def test_preempted_and_cancelled_extraction_resumes_to_the_same_stores(slurm, tm
     got = _chunks(root / "features")
     assert len(ref) >= 10 and ref == got
     assert "extract: 1 done" in run_alf("status", "--root", root, check=True).stdout
+
+
+def test_slurm_options_are_checked_and_a_refused_submission_is_one_line(tiny_model, tmp_path):
+    from test_errors import one_line_error
+
+    base = ("reproduce", "--models", f"local-dir:{tiny_model}", "--datasets", "digits", "--root", tmp_path)
+    one_line_error(run_alf(*base, "--slurm", "partition=x"), "--slurm", "--executor slurm")
+    one_line_error(run_alf(*base, "--executor", "slurm", "--slurm", "no-value"), "--slurm takes KEY=VALUE")
+    one_line_error(run_alf(*base, "--executor", "slurm", "--models-per-task", "two"), "--models-per-task")
+    if _slurm_up():  # sbatch's own refusal (an unknown partition), in one line, and nothing marked as submitted
+        one_line_error(run_alf(*base, "--executor", "slurm", "--partition", "no-such-partition", "--gpus", "0"),
+                       "Slurm refused the submission", "partition")
+        assert not list((tmp_path / "study" / "state").rglob("*.json"))
