@@ -159,6 +159,7 @@ def test_slurm_options_are_checked_and_a_refused_submission_is_one_line(tiny_mod
     from test_errors import one_line_error
 
     base = ("reproduce", "--models", f"local-dir:{tiny_model}", "--datasets", "digits", "--root", tmp_path)
+    one_line_error(run_alf("status", "--root", tmp_path / "nothing"), "no study under", "alf reproduce --root")
     one_line_error(run_alf(*base, "--slurm", "partition=x"), "--slurm", "--executor slurm")
     one_line_error(run_alf(*base, "--executor", "slurm", "--slurm", "no-value"), "--slurm takes KEY=VALUE")
     one_line_error(run_alf(*base, "--executor", "slurm", "--models-per-task", "two"), "--models-per-task")
