@@ -22,11 +22,12 @@ test:
 
 # Mutation testing (mutmut, [tool.mutmut] in pyproject.toml) of the modules that hold the guarantees, one module at
 # a time, one worker (MUTATE_JOBS); prints each module's time, the score and the surviving mutants (docs/MUTATION.md).
-# MODULES=probes.optim,probes.pool narrows it (a module or a mutant-name glob); FRESH=1 starts from new mutants.
+# MODULES=probes.optim,probes.pool narrows it (a module or a mutant-name glob); FRESH=1 starts from new mutants;
+# RETEST=1 re-runs only the mutants not killed last time.
 MODULES ?=
 MUTATE_JOBS ?= 1
 mutate:
-	$(PY) tests/mutation_run.py --jobs $(MUTATE_JOBS) $(if $(MODULES),--modules $(MODULES)) $(if $(FRESH),--fresh)
+	$(PY) tests/mutation_run.py --jobs $(MUTATE_JOBS) $(if $(MODULES),--modules $(MODULES)) $(if $(FRESH),--fresh) $(if $(RETEST),--retest)
 
 # Offline demo on embedded real data (scikit-learn digits) with a small RANDOM-weight ViT.
 DEMO ?= demo

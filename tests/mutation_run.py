@@ -1,7 +1,7 @@
 """`make mutate`: run mutmut (configured in pyproject.toml, [tool.mutmut]) module by module, time each module, then
 print the mutation score and every surviving mutant (docs/MUTATION.md).
 
-    python tests/mutation_run.py [--modules probes.optim,probes.pool] [--jobs 1] [--fresh] [--report-only]
+    python tests/mutation_run.py [--modules probes.optim,probes.pool] [--jobs 1] [--fresh] [--retest] [--report-only]
 
 A target is a module (probes.optim) or a glob of mutant names (probes.features.x_check_compatible*). Each target
 is run with `mutmut run --max-children JOBS '<target>.*'`, which re-tests its mutants even when mutmut has cached
@@ -37,13 +37,30 @@ def mutmut_bin() -> str:
     return str(here) if here.exists() else "mutmut"
 
 
-def run_targets(targets: list[str], jobs: int) -> None:
+def not_killed(pattern: str) -> list[str]:
+    """Mutants matching pattern whose last result is not a kill (survived, no tests)."""
+    import fnmatch
+
+    out = []
+    for meta in (ROOT / "mutants").rglob("*.py.meta"):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if fnmatch.fnmatch(name, pattern) and code is not None and code not in KILLED:
+                out.append(name)
+    return sorted(out)
+
+
+def run_targets(targets: list[str], jobs: int, retest: bool = False) -> None:
     times = json.loads(TIMES.read_text()) if TIMES.exists() else {}
     for t in targets:
         pattern = t if "*" in t else f"{t}.*"
-        print(f"=== mutmut run {pattern}", flush=True)
+        names = [pattern]
+        if retest:
+            names = not_killed(pattern)
+            if not names:
+                continue
+        print(f"=== mutmut run {pattern}" + (f" ({len(names)} not killed before)" if retest else ""), flush=True)
         t0 = time.time()
-        p = subprocess.run([mutmut_bin(), "run", "--max-children", str(jobs), pattern], cwd=ROOT,
+        p = subprocess.run([mutmut_bin(), "run", "--max-children", str(jobs), *names], cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wall = time.time() - t0
         tail = [ln for ln in p.stdout.replace("\r", "\n").splitlines() if ln.strip()][-3:]
@@ -52,7 +69,10 @@ def run_targets(targets: list[str], jobs: int) -> None:
         if p.returncode != 0:
             sys.exit(f"mutmut failed on {t}:\n{p.stdout[-3000:]}")
         TIMES.parent.mkdir(exist_ok=True)
-        times[t] = {"seconds": round(wall), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "jobs": jobs}
+        if retest:  # the module's time stays the time of its last full run
+            times.setdefault("retests", {})[t] = {"seconds": round(wall), "mutants": len(names)}
+        else:
+            times[t] = {"seconds": round(wall), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "jobs": jobs}
         TIMES.write_text(json.dumps(times, indent=1))
 
 
@@ -118,7 +138,7 @@ def report(targets: list[str] | None) -> int:
         tested = len(names) - c["untested"]
         denom = tested - c["equivalent"] - c["message"]
         score = 100 * c["killed"] / denom if denom else float("nan")
-        secs = sum(v["seconds"] for k, v in times.items() if k == mod or k.startswith(mod + "."))
+        secs = sum(v["seconds"] for k, v in times.items() if k == mod or k.startswith(mod + ".x"))
         rows.append((mod, len(names), tested, c, score, secs))
         for k in ("killed", "equivalent", "message", "survived", "no tests", "other", "untested"):
             tot[k] += c[k]
@@ -154,6 +174,8 @@ def main() -> int:
     ap.add_argument("--modules", default="", help="comma-separated modules or mutant-name globs (default: all six)")
     ap.add_argument("--jobs", type=int, default=1, help="mutmut worker processes (default 1)")
     ap.add_argument("--fresh", action="store_true", help="delete mutants/ first (new mutants and stats)")
+    ap.add_argument("--retest", action="store_true",
+                    help="re-run only the mutants that were not killed last time (after strengthening tests)")
     ap.add_argument("--report-only", action="store_true", help="print the report of the last runs")
     a = ap.parse_args()
     targets = [t.strip() for t in a.modules.split(",") if t.strip()] or MODULES
@@ -161,7 +183,7 @@ def main() -> int:
         shutil.rmtree(ROOT / "mutants")
     if not a.report_only:
         t0 = time.time()
-        run_targets(targets, a.jobs)
+        run_targets(targets, a.jobs, a.retest)
         print(f"=== mutation run: {time.time() - t0:.0f} s in all")
     return report(targets)
 

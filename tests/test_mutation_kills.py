@@ -72,6 +72,13 @@ def test_clip_returns_each_configurations_norm_and_scales_only_large_ones():
     torch.testing.assert_close(norm, torch.tensor([5.0, 0.5]))  # sqrt(3^2 + 4^2): both parameters together
     torch.testing.assert_close(W.grad, torch.tensor([[0.6, 0.0, 0.0], [0.3, 0.0, 0.0]]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.grad, torch.tensor([[0.8], [0.4]]), rtol=1e-5, atol=1e-6)
+    # a vanishing gradient (norm below the 1e-6 guard) is left alone too
+    opt.zero_grad()
+    W.grad = torch.tensor([[3e-7, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    b.grad = torch.tensor([[4e-7], [0.0]])
+    opt.clip_grad_norm(1.0)
+    torch.testing.assert_close(W.grad, torch.tensor([[3e-7, 0.0, 0.0], [0.0, 0.0, 0.0]]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(b.grad, torch.tensor([[4e-7], [0.0]]), rtol=1e-6, atol=0)
 
 
 def test_a_parameter_without_gradient_steps_with_zero_gradient():
@@ -210,3 +217,93 @@ def test_resolve_protocol():
         resolve_protocol(3)
     with pytest.raises(ProbeError, match="dropout must be in"):
         resolve_protocol({"dropout": [1.5]})
+
+
+# ------------------------------------------------------------------------------------------ attention pool
+from probes import pool as pool_module  # noqa: E402
+
+
+def test_token_stats_equal_layernorm_statistics_even_where_the_mean_dominates():
+    """Mean and 1 / sqrt(var + eps) per token as LayerNorm computes them (float64 reference), for ordinary tokens,
+    a token whose mean dwarfs its spread (one row only: the two-pass fallback must be taken for the batch), and a
+    constant token (variance 0 -> 1 / sqrt(eps))."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 64, generator=g)
+    x[1, 2] = 1000.0 + 0.01 * torch.randn(64, generator=g)
+    x[2, 0] = 3.0
+    for eps in (1e-5, 1e-2):
+        mu, r = pool_module.token_stats(x, eps)
+        x64 = x.double()
+        var, mean = torch.var_mean(x64, dim=-1, unbiased=False)
+        torch.testing.assert_close(mu.double(), mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r.double(), 1 / torch.sqrt(var + eps), rtol=1e-4, atol=0)
+    assert abs(float(pool_module.token_stats(x, 1e-5)[1][2, 0]) - 1e-5 ** -0.5) < 1e-2
+
+
+def test_samples_per_chunk_rule(monkeypatch):
+    """A CPU cache's worth of samples (CHUNK_BYTES of tokens, at least one sample); the whole batch on another
+    device or for a grid group with more than 2 T query heads."""
+    x = torch.empty(1000, 10, 16)
+    assert pool_module.CHUNK_BYTES == 4 << 20
+    assert pool_module._samples_per_chunk(x, 20) == (4 << 20) // (10 * 16 * 4)  # 6553 samples
+    assert pool_module._samples_per_chunk(x.double(), 20) == (4 << 20) // (10 * 16 * 8)
+    assert pool_module._samples_per_chunk(x, 21) == 1000
+    assert pool_module._samples_per_chunk(torch.empty(1000, 10, 16, device="meta"), 4) == 1000
+    monkeypatch.setattr(pool_module, "CHUNK_BYTES", 1000)
+    assert pool_module._samples_per_chunk(x, 4) == 1  # less than one sample's tokens: still one sample
+    monkeypatch.setattr(pool_module, "CHUNK_BYTES", 3 * 640 + 5)
+    assert pool_module._samples_per_chunk(x, 4) == 3
+
+
+# ------------------------------------------------------------------------------------------ pairing and labels
+from alfcache.format import StoreError, check_labels  # noqa: E402
+from probes import FeatureSet  # noqa: E402
+from probes.features import check_compatible  # noqa: E402
+
+
+def _fs(meta, L=2, D=4, path=None):
+    x = np.zeros((6, L, D), np.float32)
+    return FeatureSet(x, x, np.arange(6) % 2, ["a", "b"], [f"l{i}" for i in range(L)], None, meta, path)
+
+
+def test_pairing_names_every_difference_and_treats_a_missing_key_as_a_difference():
+    base = {"model": {"source_id": "timm:a", "fingerprint": "f"}, "dtype": "float16", "class_names": ["a", "b"]}
+    check_compatible(_fs(base), _fs(dict(base)))
+    check_compatible(_fs({}), _fs({}))  # no identity recorded on either side: nothing to compare
+    with pytest.raises(ProbeError) as e:
+        check_compatible(_fs(base), _fs({**base, "dtype": None}))  # recorded on one side only
+    assert str(e.value) == "train and test features do not fit together: dtype differ"
+    other = {**base, "model": {"source_id": "timm:b", "fingerprint": "f"}, "class_names": ["b", "a"]}
+    with pytest.raises(ProbeError) as e:
+        check_compatible(_fs(base, path="tr.zarr"), _fs(other, path="te.zarr"))
+    assert str(e.value) == ("train and test features do not fit together: model, class names differ "
+                            "('tr.zarr' vs 'te.zarr')")
+
+
+def test_pairing_compares_the_token_shape_itself():
+    """Arrays of another depth or width are refused even where no metadata records it; named once."""
+    with pytest.raises(ProbeError, match=r"together: token shape differ$"):
+        check_compatible(_fs({}, L=2), _fs({}, L=3))
+    with pytest.raises(ProbeError, match=r"together: token shape differ$"):
+        check_compatible(_fs({}, D=4), _fs({}, D=5))
+    with pytest.raises(ProbeError, match=r"together: layers differ$"):
+        check_compatible(_fs({"num_layers": 2}, L=2), _fs({"num_layers": 3}, L=3))
+
+
+def test_labels_rule_by_hand():
+    meta = {"class_names": ["a", "b", "c"]}
+    check_labels(np.array([0, 2, -1, 1]), meta)  # -1: a skipped image (not complete: not counted)
+    for bad, rows in (([0, 3, 1], [1]), ([-2, 0], [0]), ([5] * 7, [0, 1, 2, 3, 4])):
+        with pytest.raises(StoreError) as e:
+            check_labels(np.array(bad), meta, "s.zarr")
+        assert str(e.value) == (f"store 's.zarr' is damaged: labels hold values outside its 3 classes (rows {rows}: "
+                                f"{[bad[r] for r in rows]}); re-extract it with --overwrite")
+    with pytest.raises(StoreError, match=r"^features are damaged: labels hold values outside its 0 classes"):
+        check_labels(np.array([0]), {})
+    done = {**meta, "complete": True, "skipped": [{"id": "x"}]}
+    check_labels(np.array([0, -1, 2]), done)
+    with pytest.raises(StoreError, match=r"2 rows labelled -1 \(skipped\) but it records 1 skipped image;"):
+        check_labels(np.array([-1, -1, 2]), done, "s.zarr")
+    with pytest.raises(StoreError, match=r"0 rows labelled -1 \(skipped\) but it records 2 skipped images;"):
+        check_labels(np.array([0, 1]), {**done, "skipped": ["x", "y"]}, "s.zarr")
+    check_labels(np.array([-1, -1, 2]), {**done, "complete": False})
