@@ -207,8 +207,9 @@ def test_resolve_protocol():
     p = Protocol(name="x", epochs=3)
     assert resolve_protocol(p) is p
     assert resolve_protocol("quick") is PROTOCOLS["quick"]
-    with pytest.raises(ProbeError, match="papr"):
+    with pytest.raises(ProbeError) as e:
         resolve_protocol("papr")
+    assert str(e.value) == "unknown protocol 'papr'; did you mean 'paper'? (known: paper, clean, quick)"
     c = resolve_protocol({"lr": [0.5], "epochs": 2})
     assert c.name == "paper+custom" and c.lr == (0.5,) and c.epochs == 2 and c.wd == PROTOCOLS["paper"].wd
     c = resolve_protocol({"base": "quick", "wd": [0.0, 0.1]})
