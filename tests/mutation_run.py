@@ -38,15 +38,30 @@ def mutmut_bin() -> str:
 
 
 def not_killed(pattern: str) -> list[str]:
-    """Mutants matching pattern whose last result is not a kill (survived, no tests)."""
+    """Mutants matching pattern whose last result is not a kill (survived, no tests, not tested yet)."""
     import fnmatch
 
     out = []
     for meta in (ROOT / "mutants").rglob("*.py.meta"):
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-            if fnmatch.fnmatch(name, pattern) and code is not None and code not in KILLED:
+            if fnmatch.fnmatch(name, pattern) and code not in KILLED:
                 out.append(name)
     return sorted(out)
+
+
+def regenerate() -> None:
+    """Bring mutants/ up to date with the sources as `mutmut run` does first (mutants of changed functions become
+    untested, those of removed ones go), so that the names to re-test are current."""
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        from mutmut.__main__ import copy_also_copy_files, copy_src_dir, create_mutants
+
+        copy_src_dir()
+        copy_also_copy_files()
+        create_mutants(1)
+    finally:
+        os.chdir(cwd)
 
 
 def run_targets(targets: list[str], jobs: int, retest: bool = False) -> None:
@@ -55,6 +70,7 @@ def run_targets(targets: list[str], jobs: int, retest: bool = False) -> None:
         pattern = t if "*" in t else f"{t}.*"
         names = [pattern]
         if retest:
+            regenerate()
             names = not_killed(pattern)
             if not names:
                 continue
