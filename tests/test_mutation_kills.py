@@ -171,6 +171,7 @@ def test_batch_rule_refuses_empty_input_and_honours_min_batches():
         with pytest.raises(ProbeError, match=f"cannot form batches of {batch} from {n} samples"):
             authors_batch_size(batch, n)
     assert authors_batch_size(2048, 1) == 1 and authors_batch_size(1, 1) == 1  # one sample: a batch of one
+    assert authors_batch_size(1, 10) == 1  # batches of one are valid
     assert Protocol(batch_size=20, min_batches=6).batch_size_for(100) == 1  # the protocol's own min_batches
     assert Protocol(batch_size=20, min_batches=5).batch_size_for(100) == 20
     # hand counts: 100 samples, batch 20 -> 5 full batches, nothing left: kept with min_batches 5, not with 6
