@@ -278,6 +278,9 @@ def test_pairing_names_every_difference_and_treats_a_missing_key_as_a_difference
     base = {"model": {"source_id": "timm:a", "fingerprint": "f"}, "dtype": "float16", "class_names": ["a", "b"]}
     check_compatible(_fs(base), _fs(dict(base)))
     check_compatible(_fs({}), _fs({}))  # no identity recorded on either side: nothing to compare
+    # the same preprocessing recorded with its keys in another order is the same preprocessing
+    check_compatible(_fs({**base, "preprocessing": {"resize": 248, "crop": 224, "mean": [0.5, 0.4]}}),
+                     _fs({**base, "preprocessing": {"mean": [0.5, 0.4], "crop": 224, "resize": 248}}))
     with pytest.raises(ProbeError) as e:
         check_compatible(_fs(base), _fs({**base, "dtype": None}))  # recorded on one side only
     assert str(e.value) == "train and test features do not fit together: dtype differ"
@@ -315,3 +318,17 @@ def test_labels_rule_by_hand():
     with pytest.raises(StoreError, match=r"0 rows labelled -1 \(skipped\) but it records 2 skipped images;"):
         check_labels(np.array([0, 1]), {**done, "skipped": ["x", "y"]}, "s.zarr")
     check_labels(np.array([-1, -1, 2]), {**done, "complete": False})
+
+
+def test_metadata_lookup_and_differences():
+    from alfcache.format import differing, get
+
+    meta = {"model": {"source_id": "timm:a", "cfg": {"img": 224}}, "dtype": "float16", "n": 0, "flag": False}
+    assert get(meta, "model.cfg.img") == 224 and get(meta, "dtype") == "float16"
+    assert get(meta, "n") == 0 and get(meta, "flag") is False  # falsy values are values, not "missing"
+    assert get(meta, "model.name") is None and get(meta, "nothing.at.all") is None
+    assert get(meta, "dtype.x") is None  # through a non-dict
+    other = {"model": {"cfg": {"img": 224}, "source_id": "timm:b"}, "dtype": "float16", "n": 0}
+    keys = ["dtype", "model.cfg", "model.source_id", "n", "flag", "absent"]
+    assert differing(meta, other, keys) == ["model.source_id", "flag"]  # key order inside a dict does not count
+    assert differing(meta, meta, keys) == []
