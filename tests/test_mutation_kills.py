@@ -172,8 +172,6 @@ def test_batch_rule_refuses_empty_input_and_honours_min_batches():
             authors_batch_size(batch, n)
     assert authors_batch_size(2048, 1) == 1 and authors_batch_size(1, 1) == 1  # one sample: a batch of one
     assert authors_batch_size(1, 10) == 1  # batches of one are valid
-    assert Protocol(batch_size=20, min_batches=6).batch_size_for(100) == 1  # the protocol's own min_batches
-    assert Protocol(batch_size=20, min_batches=5).batch_size_for(100) == 20
     # hand counts: 100 samples, batch 20 -> 5 full batches, nothing left: kept with min_batches 5, not with 6
     assert authors_batch_size(20, 100, min_batches=5) == 20
     # 6 batches: the only candidate is 100 // 6 + 1 = 17 (the rule stops above 16), and 100 // 17 = 5 < 6 -> 1
@@ -183,6 +181,11 @@ def test_batch_rule_refuses_empty_input_and_honours_min_batches():
     # 109: 5 x 20 + 9 < 10 -> search from 109 // 5 + 1 = 22 down: 22 gives 4 full batches, 21 and 20 leave 4 and 9
     # (less than half), 19 gives 5 x 19 + 14 >= 9.5
     assert authors_batch_size(20, 109, min_batches=5) == 19
+
+
+def test_batch_size_for_uses_the_protocols_min_batches():
+    assert Protocol(batch_size=20, min_batches=6).batch_size_for(100) == 1  # see the hand count above
+    assert Protocol(batch_size=20, min_batches=5).batch_size_for(100) == 20
 
 
 def test_epochs_and_steps_by_hand():
