@@ -5,7 +5,7 @@ PYTEST_ARGS ?=
 # the suite in parallel processes (one per core, at most 4; each builds its own session fixtures)
 PARALLEL ?= -n auto --maxprocesses 4
 
-.PHONY: install test demo fetch reproduce reproduce-mini bench clean
+.PHONY: install test mutate demo fetch reproduce reproduce-mini bench clean
 
 install:
 	python3 -m venv $(VENV)
@@ -19,6 +19,15 @@ test:
 	$(PY) -m pytest $(PARALLEL) -m "not serial" $(PYTEST_ARGS); a=$$?; [ $$a -eq 5 ] && a=0; \
 	$(PY) -m pytest -m serial $(PYTEST_ARGS); b=$$?; [ $$b -eq 5 ] && b=0; \
 	if [ $$a -ne 0 ] || [ $$b -ne 0 ]; then exit 1; fi
+
+# Mutation testing (mutmut, [tool.mutmut] in pyproject.toml) of the modules that hold the guarantees, one module at
+# a time, one worker (MUTATE_JOBS); prints each module's time, the score and the surviving mutants (docs/MUTATION.md).
+# MODULES=probes.optim,probes.pool narrows it (a module or a mutant-name glob); FRESH=1 starts from new mutants;
+# RETEST=1 re-runs only the mutants not killed last time.
+MODULES ?=
+MUTATE_JOBS ?= 1
+mutate:
+	$(PY) tests/mutation_run.py --jobs $(MUTATE_JOBS) $(if $(MODULES),--modules $(MODULES)) $(if $(FRESH),--fresh) $(if $(RETEST),--retest)
 
 # Offline demo on embedded real data (scikit-learn digits) with a small RANDOM-weight ViT.
 DEMO ?= demo

@@ -90,7 +90,7 @@ class Protocol:
     def epochs_for(self, n: int, batch: int) -> int:
         """Whole epochs: `epochs`, or as many as reach `min_steps`."""
         per_epoch = math.ceil(n / batch)
-        return self.epochs if per_epoch * self.epochs >= self.min_steps else max(1, math.ceil(self.min_steps / per_epoch))
+        return self.epochs if per_epoch * self.epochs >= self.min_steps else math.ceil(self.min_steps / per_epoch)
 
     def steps(self, n: int, batch: int) -> int:
         """Optimiser steps for n samples in batches of `batch` (every batch of every epoch, the last one partial)."""

@@ -15,6 +15,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(var, "1")
 
 
+def pytest_configure(config):
+    """Under `make mutate`, mutmut first runs the tests with MUTANT_UNDER_TEST=stats to record which tests reach
+    which function. Only this process can record that: a child process (the `alf` CLI) would look for mutmut's
+    configuration in its own working directory and fail. Keep the setting in this process only (mutmut holds a
+    process-local copy); children run the unmutated code, as they do in a normal run. Mutant runs are untouched:
+    there children inherit the mutant, so CLI tests kill mutants too."""
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        os.environ.pop("MUTANT_UNDER_TEST")
+
+
 def run_alf(*args, env=None, check=False, timeout=300, cwd=None):
     """Run the real `alf` CLI in a subprocess; returns CompletedProcess (text)."""
     e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")

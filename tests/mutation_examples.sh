@@ -3,6 +3,7 @@
 # claim the guarantee must fail for every one. Usage: bash tests/mutation_examples.sh (about 1 minute).
 set -u
 SRC=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PY:-$SRC/.venv/bin/python}  # PY=/path/to/python for a checkout without its own .venv
 W=$(mktemp -d)
 run() {  # name file python-old python-new tests...
   name=$1; file=$2; old=$3; new=$4; shift 4
@@ -14,8 +15,8 @@ s = open(p).read()
 assert s.count(old) >= 1, f"pattern not found in {p}: {old}"
 open(p, "w").write(s.replace(old, new, 1))
 PY
-  (cd $W && $SRC/.venv/bin/python -c "import alfcache, probes; assert alfcache.__file__.startswith('$W'), alfcache.__file__" ) || exit 1
-  out=$(cd $W && timeout 600 $SRC/.venv/bin/python -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -1)
+  (cd $W && $PY -c "import alfcache, probes; assert alfcache.__file__.startswith('$W'), alfcache.__file__" ) || exit 1
+  out=$(cd $W && timeout 600 $PY -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -1)
   case "$out" in *failed*) echo "killed   $name: $out" ;; *) echo "SURVIVED $name: $out"; survived=1 ;; esac
 }
 survived=0
@@ -26,7 +27,7 @@ run batch-rule probes/protocol.py 'rest >= 0.5 * b' 'rest > 0.5 * b' tests/test_
 run pool-eps probes/pool.py 'mu[sl], r[sl] = token_stats(xc, eps)' 'mu[sl], r[sl] = token_stats(xc, 1e-6)' tests/test_guarantees.py tests/test_protocol.py tests/test_probes.py -k "eps or authors or factored"
 run verify-test-only probes/runner.py 'for p in (pair.train, pair.test):' 'for p in (pair.test,):' tests/test_guarantees.py -k verif
 run clip-one-norm probes/optim.py 'coef = (max_norm / (norm + 1e-6)).clamp_(max=1.0)
-        self.grad.mul_(coef.unsqueeze(1))' 'coef = (max_norm / (norm.norm() + 1e-6)).clamp_(max=1.0)
-        self.grad.mul_(coef)' tests/test_guarantees.py tests/test_probes.py -k "grid or clip"
+            self.grad.mul_(coef.unsqueeze(1))' 'coef = (max_norm / (norm.norm() + 1e-6)).clamp_(max=1.0)
+            self.grad.mul_(coef)' tests/test_guarantees.py tests/test_probes.py -k "grid or clip"
 rm -rf $W
 exit $survived
