@@ -1,17 +1,25 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ALF := $(VENV)/bin/alf
+UV_VERSION ?= 0.13.9
+# uv run from the venv, on the venv (never a Python it downloads)
+UV := UV_PROJECT_ENVIRONMENT=$(VENV) UV_PYTHON_DOWNLOADS=never $(VENV)/bin/uv
 PYTEST_ARGS ?=
 # the suite in parallel processes (one per core, at most 4; each builds its own session fixtures)
 PARALLEL ?= -n auto --maxprocesses 4
 
-.PHONY: install test demo fetch reproduce reproduce-mini bench clean
+.PHONY: install lock test demo fetch reproduce reproduce-mini bench clean
 
+# The exact set in uv.lock (every package, version and file hash), alfcache editable with the test extra.
+# uv installs from its cache (~/.cache/uv, UV_CACHE_DIR) by hard links: a warm reinstall takes seconds.
+# Refresh the lock with `make lock` (newest releases the ranges in pyproject.toml admit) and commit uv.lock.
 install:
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+	$(UV) sync --locked --inexact --extra test  # --inexact: keep uv and pip, which the lock does not list
+
+lock:
+	$(UV) lock --upgrade
 
 # Two passes: everything but the wall-clock tests in parallel, then those alone on an idle machine.
 # pytest exit 5 ("no tests collected", e.g. a PYTEST_ARGS filter that leaves one pass empty) is not a failure.
