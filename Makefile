@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # the suite in parallel processes (one per core, at most 4; each builds its own session fixtures)
 PARALLEL ?= -n auto --maxprocesses 4
 
-.PHONY: install lock test demo fetch reproduce reproduce-mini bench clean
+.PHONY: install lock test test-envs test-floor test-keep-torch test-wheel demo fetch reproduce reproduce-mini bench clean
 
 # The exact set in uv.lock (every package, version and file hash), alfcache editable with the test extra.
 # uv installs from its cache (~/.cache/uv, UV_CACHE_DIR) by hard links: a warm reinstall takes seconds.
@@ -28,6 +28,18 @@ test:
 	$(PY) -m pytest -m serial $(PYTEST_ARGS); b=$$?; [ $$b -eq 5 ] && b=0; \
 	if [ $$a -ne 0 ] || [ $$b -ne 0 ]; then exit 1; fi
 
+# Installation tests, each in an environment of its own under .envs/ (scripts/test_envs.py): the floor versions
+# with the fast tests, the user's own torch kept by `pip install`, the wheel outside the tree. Needs `make install`
+# (its uv) and PyPI or warm caches. Multi-GB installs: kept out of `make test`.
+test-envs:
+	$(PY) scripts/test_envs.py floor keep-torch wheel
+test-floor:
+	$(PY) scripts/test_envs.py floor
+test-keep-torch:
+	$(PY) scripts/test_envs.py keep-torch
+test-wheel:
+	$(PY) scripts/test_envs.py wheel
+
 # Offline demo on embedded real data (scikit-learn digits) with a small RANDOM-weight ViT.
 DEMO ?= demo
 demo:
@@ -38,7 +50,7 @@ demo:
 	@echo "NOTE: the demo model has random weights; the numbers only show the pipeline works end to end."
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) .pytest_cache .envs
 
 # Where there is internet (a login node): weights and datasets of the study into the Hugging Face cache
 # (HF_HOME / HF_HUB_CACHE); `make fetch CHECK=1` lists what is cached and what is missing.
