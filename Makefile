@@ -16,7 +16,7 @@ PARALLEL ?= -n auto --maxprocesses 4
 install:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
-	$(UV) sync --locked --inexact --extra test  # --inexact: keep uv and pip, which the lock does not list
+	$(UV) sync --locked --inexact --compile-bytecode --extra test  # --inexact: keep uv and pip (not in the lock)
 
 lock:
 	$(UV) lock --upgrade
