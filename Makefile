@@ -1,17 +1,25 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ALF := $(VENV)/bin/alf
+UV_VERSION ?= 0.13.9
+# uv run from the venv, on the venv (never a Python it downloads)
+UV := UV_PROJECT_ENVIRONMENT=$(VENV) UV_PYTHON_DOWNLOADS=never $(VENV)/bin/uv
 PYTEST_ARGS ?=
 # the suite in parallel processes (one per core, at most 4; each builds its own session fixtures)
 PARALLEL ?= -n auto --maxprocesses 4
 
-.PHONY: install test mutate demo fetch reproduce reproduce-mini bench clean
+.PHONY: install lock test test-envs test-floor test-keep-torch test-wheel mutate demo fetch reproduce reproduce-mini bench clean
 
+# The exact set in uv.lock (every package, version and file hash), alfcache editable with the test extra.
+# uv installs from its cache (~/.cache/uv, UV_CACHE_DIR) by hard links: a warm reinstall takes seconds.
+# Refresh the lock with `make lock` (newest releases the ranges in pyproject.toml admit) and commit uv.lock.
 install:
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+	$(UV) sync --locked --inexact --compile-bytecode --extra test  # --inexact: keep uv and pip (not in the lock)
+
+lock:
+	$(UV) lock --upgrade
 
 # Two passes: everything but the wall-clock tests in parallel, then those alone on an idle machine.
 # pytest exit 5 ("no tests collected", e.g. a PYTEST_ARGS filter that leaves one pass empty) is not a failure.
@@ -29,6 +37,18 @@ MUTATE_JOBS ?= 1
 mutate:
 	$(PY) tests/mutation_run.py --jobs $(MUTATE_JOBS) $(if $(MODULES),--modules $(MODULES)) $(if $(FRESH),--fresh) $(if $(RETEST),--retest)
 
+# Installation tests, each in an environment of its own under .envs/ (scripts/test_envs.py): the floor versions
+# with the fast tests, the user's own torch kept by `pip install`, the wheel outside the tree. Needs `make install`
+# (its uv) and PyPI or warm caches. Multi-GB installs: kept out of `make test`.
+test-envs:
+	$(PY) scripts/test_envs.py floor keep-torch wheel
+test-floor:
+	$(PY) scripts/test_envs.py floor
+test-keep-torch:
+	$(PY) scripts/test_envs.py keep-torch
+test-wheel:
+	$(PY) scripts/test_envs.py wheel
+
 # Offline demo on embedded real data (scikit-learn digits) with a small RANDOM-weight ViT.
 DEMO ?= demo
 demo:
@@ -39,7 +59,7 @@ demo:
 	@echo "NOTE: the demo model has random weights; the numbers only show the pipeline works end to end."
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) .pytest_cache .envs
 
 # Where there is internet (a login node): weights and datasets of the study into the Hugging Face cache
 # (HF_HOME / HF_HUB_CACHE); `make fetch CHECK=1` lists what is cached and what is missing.

@@ -108,7 +108,8 @@ def test_nan_tokens_refused_nothing_complete(tmp_path):
     m = timm.create_model(f"local-dir:{model}", pretrained=True)
     with torch.no_grad():
         m.blocks[1].norm2.weight[3] = float("nan")
-    timm.models.save_for_hf(m, str(model))
+    # the architecture's arguments passed on explicitly: timm 1.0.21 does not carry them over by itself (1.0.31 does)
+    timm.models.save_for_hf(m, str(model), model_args=json.loads((model / "config.json").read_text())["model_args"])
     p = run_alf("extract", "--model", model, "--dataset", "digits", "--split", "test", "--out", tmp_path / "f",
                 "--workers", "0")
     one_line_error(p, "non-finite", "block1.norm2")
