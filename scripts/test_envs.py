@@ -36,10 +36,9 @@ USER_TORCH = ("torch==2.13.0", "torchvision==0.28.0")
 # them on the locked versions
 FLOOR_SKIP = ("tests/test_analysis.py", "tests/test_distributed.py", "tests/test_faults.py", "tests/test_resume.py",
               "tests/test_multi_model.py", "tests/test_errors.py", "tests/test_store_damage.py")
-# the only top-level plain module the wheel may install beside its packages (the design's `alf` entry point).
-# NOTE: this holds once study.py has moved into its package (alfstudy/); until then the wheel check fails on
-# `study`, by design.
+# the only top-level plain module the wheel may install beside its packages (the design's `alf` entry point)
 ALLOWED_TOP_MODULES = {"cli"}
+WHEEL_PACKAGES = {"alfcache", "probes", "alfstudy"}
 
 TIMES: list[tuple[str, float]] = []
 
@@ -167,7 +166,7 @@ def check_wheel_contents(wheel: Path) -> None:
     missing = [f for f in data if f not in names]
     assert not missing, f"package data missing from the wheel: {missing}"
     log(f"wheel: packages {sorted(packages)}, data files {data}, top-level modules {sorted(modules)}")
-    # NOTE (see ALLOWED_TOP_MODULES): fails while study.py is still a top-level module
+    assert packages == WHEEL_PACKAGES, f"packages in the wheel: {sorted(packages)}"
     assert modules == ALLOWED_TOP_MODULES, (f"top-level modules besides the packages: {sorted(modules)}; "
                                             f"allowed: {sorted(ALLOWED_TOP_MODULES)}")
 
@@ -215,7 +214,7 @@ def part_wheel(envs: Path, wheel: Path | None) -> None:
         env=uv_env(), capture=True)
     run(uv(["pip", "install", "--python", py, "-c", cons, wheel]), step="wheel: install", env=uv_env())
     demo(py.parent, mini=True)
-    check_wheel_contents(wheel)  # last: its top-level-module check fails until study.py has moved (see its NOTE)
+    check_wheel_contents(wheel)
 
 
 def main() -> int:
