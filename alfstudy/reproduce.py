@@ -107,6 +107,7 @@ def reproduce(models: list[str], datasets: list[str], heads: list[str], *, root:
             return None
         echo("waiting for the jobs (Ctrl-C stops waiting, not the jobs)")
         wait_slurm(record)
+        _never_started(study, run_models, run_datasets)
         echo(table(study.root))
         _raise_if_failed(study, command)
         return study.reports / "index.md"
@@ -124,6 +125,20 @@ def reproduce(models: list[str], datasets: list[str], heads: list[str], *, root:
          f"{len(run_models) * len(run_datasets)} pair(s) were already done")
     _raise_if_failed(study, command)
     return study.reports / "index.md"
+
+
+def _never_started(study: Study, models: list[str], datasets: list[str]) -> None:
+    """After the queue is empty: a marker still saying `submitted` belongs to a task that ended before its work
+    began (it could not start Python, import alfcache, or was cancelled while pending); it is a failure."""
+    from . import state
+
+    for stage in state.STAGES:
+        for d in datasets:
+            for m in models:
+                path = state.marker(study.root, stage, d, m)
+                rec = state.read(path)
+                if rec and rec.get("state") == "submitted":
+                    state.write(path, state="failed", error="the task ended before its work began (see its log)")
 
 
 def _raise_if_failed(study: Study, command: str) -> None:
