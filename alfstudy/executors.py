@@ -11,17 +11,15 @@ import json
 import shlex
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alfcache.errors import AlfError
 
 from . import state
-from .jobs import Study, Tasks, Unit
+from .jobs import Echo, Study, Tasks, Unit
 from .tasks import StudyTask, extract_task, probe_task, report_task
 
-Echo = Callable[[str], None]
 
 
 @dataclass
@@ -100,12 +98,14 @@ def _submit(ex, calls: list[StudyTask]) -> list:
     return jobs
 
 
+def _array(job) -> str:
+    """The Slurm id of the array a task belongs to (a single job's own id)."""
+    return job.job_id.split("_")[0]
+
+
 def _after(jobs: list, kind: str) -> str:
     """`aftercorr:<array>` (task i after task i) for an array, `afterok:<id>` for a single job."""
-    jid = jobs[0].job_id
-    if "_" in jid:
-        return f"{kind}:{jid.split('_')[0]}"
-    return f"afterok:{jid}"
+    return f"{kind}:{_array(jobs[0])}" if "_" in jobs[0].job_id else f"afterok:{jobs[0].job_id}"
 
 
 def submit_slurm(study: Study, tasks: Tasks, opts: SlurmOptions, echo: Echo) -> dict:
@@ -124,7 +124,7 @@ def submit_slurm(study: Study, tasks: Tasks, opts: SlurmOptions, echo: Echo) -> 
         px = _executor(logs, opts.probe, opts, "alf-probe", len(tasks.probe_only), None)
         submitted["probe"] = submitted.get("probe", []) + list(
             zip(tasks.probe_only, _submit(px, [StudyTask("probe", study, u) for u in tasks.probe_only])))
-    all_ids = sorted({j.job_id.split("_")[0] for pairs in submitted.values() for _, j in pairs})
+    all_ids = sorted({_array(j) for pairs in submitted.values() for _, j in pairs})
     rx = _executor(logs, Resources(**{**opts.probe.__dict__, "gpus": 0}), opts, "alf-report", 1,
                    "afterany:" + ":".join(all_ids))
     (report,) = _submit(rx, [StudyTask("report", study)])
@@ -135,20 +135,18 @@ def submit_slurm(study: Study, tasks: Tasks, opts: SlurmOptions, echo: Echo) -> 
                 state.write(state.marker(study.root, stage, unit.dataset, m), state="submitted", job=job.job_id,
                             log=str(job.paths.stdout), submitted=now)
     record = {"submitted": time.strftime("%Y-%m-%d %H:%M:%S"), "command": study.command,
-              "jobs": {stage: sorted({j.job_id.split("_")[0] for _, j in pairs}) for stage, pairs in submitted.items()},
+              "jobs": {stage: sorted({_array(j) for _, j in pairs}) for stage, pairs in submitted.items()},
               "report": report.job_id, "report_log": str(report.paths.stdout),
               "tasks": {stage: len(pairs) for stage, pairs in submitted.items()}, "pairs": n_pairs}
     state.put(state.study_dir(study.root) / "submission.json", json.dumps(record, indent=1).encode())
-    ne, npr, npo = len(tasks.extract), len(tasks.extract), len(tasks.probe_only)
+    ne, npo = len(tasks.extract), len(tasks.probe_only)
     lines = []
     if ne:
         lines.append(f"  extraction: {ne} task(s), job {record['jobs']['extract'][0]}, "
                      f"{opts.extract.gpus} GPU(s) each, at most {min(opts.parallel, ne)} at a time")
-        lines.append(f"  probes: {npr} task(s), job {submitted['probe'][0][1].job_id.split('_')[0]}, each after its "
-                     f"extraction")
+        lines.append(f"  probes: {ne} task(s), job {_array(submitted['probe'][0][1])}, each after its extraction")
     if npo:
-        lines.append(f"  probes of complete stores: {npo} task(s), job "
-                     f"{submitted['probe'][-1][1].job_id.split('_')[0]}")
+        lines.append(f"  probes of complete stores: {npo} task(s), job {_array(submitted['probe'][-1][1])}")
     lines.append(f"  report: job {report.job_id}, after all of them")
     echo(f"submitted {n_pairs} pair(s) to Slurm:\n" + "\n".join(lines)
          + f"\n  logs: {logs}/\nwatch with `alf status --root {shlex.quote(str(study.root))}`; rerun the same "
@@ -156,7 +154,7 @@ def submit_slurm(study: Study, tasks: Tasks, opts: SlurmOptions, echo: Echo) -> 
     return record
 
 
-def wait_slurm(record: dict, poll_s: float = 2.0, echo: Echo | None = None) -> None:
+def wait_slurm(record: dict, poll_s: float = 2.0) -> None:
     """Until none of the submission's jobs is queued or running, asked of `squeue` (the controller, not the
     accounting database)."""
     ids = sorted({i for ids in record["jobs"].values() for i in ids} | {record["report"]})

@@ -3,10 +3,13 @@ decode), a probe task per extraction task (the pairs it made), a probe task per 
 complete, and one report. What the durable markers show as done is dropped before anything is submitted."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import state
+
+Echo = Callable[[str], None]  # where user-facing lines go (print, typer.echo, a task's log)
 
 
 @dataclass
@@ -94,14 +97,19 @@ def probing_done(study: Study, dataset: str, model: str) -> bool:
 DECODE_S = 0.013
 
 
-def decode_bound(estimates: dict, dataset: str, models: list[str], cpus: int) -> list[str]:
-    """The models whose forward pass per image (the plan's estimate) is quicker than decoding the image on the
-    task's CPUs: decoding limits them, so they gain from sharing one decode."""
+def decode_seconds(dataset: str, cpus: int) -> float:
+    """Estimated time for `cpus` CPUs to decode every image of the dataset once (one image when its size is
+    unknown)."""
     from alfcache.datasets import dataset_size
 
-    n = max(1, sum(dataset_size(dataset).values()))
-    per_image = DECODE_S / max(1, cpus)
-    return [m for m in models if (e := estimates.get((dataset, m))) is not None and e["seconds"] / n < per_image]
+    return max(1, sum(dataset_size(dataset).values())) * DECODE_S / max(1, cpus)
+
+
+def decode_bound(estimates: dict, dataset: str, models: list[str], cpus: int) -> list[str]:
+    """The models whose forward pass (the plan's estimate) is quicker than decoding the images on the task's
+    CPUs: decoding limits them, so they gain from sharing one decode."""
+    decode = decode_seconds(dataset, cpus)
+    return [m for m in models if (e := estimates.get((dataset, m))) is not None and e["seconds"] < decode]
 
 
 def cut(study: Study, models: list[str], datasets: list[str], models_per_task: int | None = 1,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from probes.errors import ProbeError
 
+from .jobs import Echo
 from .results import check_output, result_line
 
 

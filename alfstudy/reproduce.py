@@ -6,18 +6,16 @@ then ends in an error naming the failed pairs and the command that redoes them (
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from alfcache.errors import AlfError
 
 from .executors import SlurmOptions, run_local, submit_slurm, wait_slurm
-from .jobs import Study, Tasks, cut
+from .jobs import Echo, Study, Tasks, cut
 from .plan import Plan, nothing_to_run, plan_study, what_it_needs
 from .results import check_output
-from .status import failed_pairs, table, write_plan
+from .status import failed_pairs, read_plan, rows, table, write_plan
 
-Echo = Callable[[str], None]
 
 
 def _stderr(text: str) -> None:
@@ -30,10 +28,9 @@ def _plan_lines(plan: Plan, tasks: Tasks, slurm: SlurmOptions | None, cpus: int)
     """`--plan`: the tasks it would run or submit, with the estimated device time and disk of every extraction
     task. A task's time is its models' forward time or the time its CPUs take to decode the images, whichever
     is longer (they overlap); models sharing a decode pay for it once."""
-    from alfcache.datasets import dataset_size
     from alfcache.plan import human_bytes, human_seconds
 
-    from .jobs import DECODE_S
+    from .jobs import DECODE_S, decode_seconds
 
     gpus = slurm.extract.gpus if slurm else (1 if plan.device == "cuda" else 0)
     unit = "GPU" if gpus else "CPU"
@@ -46,7 +43,7 @@ def _plan_lines(plan: Plan, tasks: Tasks, slurm: SlurmOptions | None, cpus: int)
         if any(e is None for e in est):
             lines.append(f"  extract {u.label}: no estimate")
             continue
-        decode = sum(dataset_size(u.dataset).values()) * DECODE_S / max(1, cpus)
+        decode = decode_seconds(u.dataset, cpus)
         secs = max(sum(e["seconds"] for e in est), decode) * max(gpus, 1)
         alone_s += sum(max(e["seconds"], decode) for e in est) * max(gpus, 1)
         disk = sum(e["bytes"] for e in est)
@@ -108,8 +105,10 @@ def reproduce(models: list[str], datasets: list[str], heads: list[str], *, root:
         echo("waiting for the jobs (Ctrl-C stops waiting, not the jobs)")
         wait_slurm(record)
         _never_started(study, run_models, run_datasets)
-        echo(table(study.root))
-        _raise_if_failed(study, command)
+        plan_rec = read_plan(study.root)
+        rs = rows(study.root, plan_rec)
+        echo(table(study.root, plan_rec, rs))
+        _raise_if_failed(study, command, rs)
         return study.reports / "index.md"
     trained = [0]
 
@@ -141,8 +140,8 @@ def _never_started(study: Study, models: list[str], datasets: list[str]) -> None
                     state.write(path, state="failed", error="the task ended before its work began (see its log)")
 
 
-def _raise_if_failed(study: Study, command: str) -> None:
-    failed = failed_pairs(study.root)
+def _raise_if_failed(study: Study, command: str, rs: list[dict] | None = None) -> None:
+    failed = failed_pairs(rows(study.root) if rs is None else rs)
     if failed:
         raise AlfError(f"{len(failed)} dataset x model pair(s) failed: {', '.join(failed)} (see `alf status --root "
                        f"{study.root}` for errors and logs); fix the cause and rerun "

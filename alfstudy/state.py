@@ -51,9 +51,13 @@ def write(path: Path, **fields) -> dict:
     old = read(path) or {}
     rec = {k: old[k] for k in ("job", "log", "submitted") if k in old}
     rec.update(fields)
+    _save(path, rec)
+    return rec
+
+
+def _save(path: Path, rec: dict) -> None:
     rec["updated"] = time.time()
     put(path, json.dumps(rec, indent=1, default=str).encode())
-    return rec
 
 
 def this_job() -> tuple[str | None, str | None]:
@@ -89,9 +93,8 @@ def heartbeat(paths: list[Path], every: float | None = None):
             for p in paths:
                 rec = read(p)
                 if rec and rec.get("state") == "running" and rec.get("pid") == os.getpid():
-                    rec["updated"] = time.time()
                     try:
-                        put(p, json.dumps(rec, indent=1, default=str).encode())
+                        _save(p, rec)
                     except OSError:
                         pass
 

@@ -53,8 +53,9 @@ def _stage(study: Study, stage: str, dataset: str, model: str, now: float) -> tu
     return ("done" if done else "planned"), rec
 
 
-def rows(root: Path) -> list[dict]:
-    plan = read_plan(root)
+def rows(root: Path, plan: dict | None = None) -> list[dict]:
+    """One row per planned pair: each stage's state, the job, log and error to show."""
+    plan = plan or read_plan(root)
     study = Study(**{**plan["study"], "root": Path(root)})
     now = time.time()
     out = []
@@ -71,9 +72,9 @@ def rows(root: Path) -> list[dict]:
     return out
 
 
-def table(root: Path) -> str:
-    rs = rows(root)
-    plan = read_plan(root)
+def table(root: Path, plan: dict | None = None, rs: list[dict] | None = None) -> str:
+    plan = plan or read_plan(root)
+    rs = rows(root, plan) if rs is None else rs
     lines = [f"study under {root}: {len(plan['datasets'])} dataset(s) x {len(plan['models'])} model(s)"
              + (f"; not reachable, not submitted: {', '.join(plan['skipped'])}" if plan.get("skipped") else "")]
     for stage in ("extract", "probe"):
@@ -86,12 +87,15 @@ def table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def failed_pairs(root: Path) -> list[str]:
-    return [f"{r['dataset']} x {r['model']}" for r in rows(root)
+def failed_pairs(rs: list[dict]) -> list[str]:
+    return [f"{r['dataset']} x {r['model']}" for r in rs
             if r["extract"].split()[0] in ("failed", "lost") or r["probe"].split()[0] in ("failed", "lost", "blocked")]
 
 
-def write_status(root: Path) -> Path:
+def write_status(root: Path) -> tuple[Path, list[str]]:
+    """status.md from one reading of the study; returns it and the failed pairs."""
+    plan = read_plan(root)
+    rs = rows(root, plan)
     f = state.study_dir(root) / "status.md"
-    state.put(f, table(root).encode())
-    return f
+    state.put(f, table(root, plan, rs).encode())
+    return f, failed_pairs(rs)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from alfcache.errors import AlfError
@@ -14,10 +13,9 @@ from alfcache.format import StoreError
 from probes.errors import ProbeError
 
 from . import state
-from .jobs import Study, Unit
+from .jobs import Echo, Study, Unit
 
 log = logging.getLogger(__name__)
-Echo = Callable[[str], None]
 FAILURES = (AlfError, ProbeError, StoreError)
 
 
@@ -118,14 +116,13 @@ def report_task(study: Study, echo: Echo = print) -> Path:
 
     from .report import build_report
     from .results import check_output
-    from .status import failed_pairs, write_status
+    from .status import write_status
 
     check_output(study.reports)
     _, _, rows = write_summary(study.results)
     index = build_report(study.features, study.results, study.reports, protocol="quick", seed=study.seed,
                          seeds=study.seeds, device=study.device, command=study.command)
-    status = write_status(study.root)
-    failed = failed_pairs(study.root)
+    status, failed = write_status(study.root)
     if failed:  # the report says which pairs are missing from it, and how to get them
         text = index.read_text() + (
             f"\n## Failed pairs\n\n{len(failed)} dataset x model pair(s) failed and are not in these tables: "
