@@ -107,14 +107,14 @@ def _in_queue(job: str) -> bool:
 
 
 def test_preempted_and_cancelled_extraction_resumes_to_the_same_stores(slurm, tmp_path):
-    """A model slow enough (~10 s on one core) to be interrupted twice mid-extraction: preempted (USR2, as Slurm
+    """A model slow enough (~20 s on one core, six chunks of train) to be interrupted twice mid-extraction: preempted (USR2, as Slurm
     signals before a time limit or preemption) it is requeued by submitit and resumes; then cancelled (scancel) it
     is gone, `alf status` says so, and rerunning the command submits only it, which resumes again. The stores are
     the bytes of an uninterrupted extraction."""
     from alfcache.backbones import build_random_model
     from alfcache.format import read_metadata
 
-    m = build_random_model(tmp_path / "slow", img_size=64, patch_size=16, embed_dim=256, depth=12, num_heads=4,
+    m = build_random_model(tmp_path / "slow", img_size=64, patch_size=16, embed_dim=384, depth=12, num_heads=6,
                            seed=3)
     run_alf("extract", "--model", f"local-dir:{m}", "--dataset", "digits", "--out", tmp_path / "ref", "--workers", "0",
             "--dtype", "float32", "--batch-size", "128", env=ENV, check=True, timeout=600)
