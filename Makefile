@@ -10,13 +10,13 @@ PARALLEL ?= -n auto --maxprocesses 4
 
 .PHONY: install lock test test-envs test-floor test-keep-torch test-wheel mutate demo fetch reproduce reproduce-mini bench clean
 
-# The exact set in uv.lock (every package, version and file hash), alfcache editable with the test extra.
+# The exact set in uv.lock (every package, version and file hash), alfcache editable with the test, s3 and s3test extras.
 # uv installs from its cache (~/.cache/uv, UV_CACHE_DIR) by hard links: a warm reinstall takes seconds.
 # Refresh the lock with `make lock` (newest releases the ranges in pyproject.toml admit) and commit uv.lock.
 install:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
-	$(UV) sync --locked --inexact --compile-bytecode --extra test  # --inexact: keep uv and pip (not in the lock)
+	$(UV) sync --locked --inexact --compile-bytecode --extra test --extra s3 --extra s3test  # --inexact: keep uv and pip (not in the lock)
 
 lock:
 	$(UV) lock --upgrade
@@ -90,6 +90,6 @@ reproduce-mini:
 
 # Benchmarks: each prints ratios measured within one run (results also in benchmarks/results/*.json).
 bench:
-	cd benchmarks && for b in bench_cli bench_offline bench_alf bench_extract bench_store bench_grid bench_sklearn bench_mmap bench_scaling bench_load bench_multi; do \
+	cd benchmarks && for b in bench_cli bench_offline bench_alf bench_extract bench_store bench_grid bench_sklearn bench_mmap bench_scaling bench_load bench_multi bench_s3; do \
 		../$(PY) $$b.py || exit 1; done
 	@if sinfo -h >/dev/null 2>&1; then cd benchmarks && ../$(PY) bench_study_submit.py; else echo "(no Slurm: bench_study_submit skipped; scripts/slurm.sh start)"; fi

@@ -184,11 +184,13 @@ def datasets():
 
 
 @app.command()
-def ls(store_root: Optional[Path] = typer.Argument(None, help="store root (default $ALF_FEATURES or ./features)")):
+def ls(store_root: Optional[str] = typer.Argument(None, help="store root: a folder or s3://bucket/prefix (default "
+                                                           "$ALF_FEATURES or ./features)")):
     """List stores: dataset, model, split, N, layers, width, size on disk, complete (or DAMAGED)."""
-    from alfcache.format import check_intact, default_root, find_stores, open_arrays, read_metadata
+    from alfcache.format import (check_intact, default_root, find_stores, location, open_arrays, read_metadata,
+                                 size_of)
 
-    root = _path("store root", store_root) or default_root()
+    root = location(_path("store root", store_root)) if store_root is not None else default_root()
     rows = []
     for p in find_stores(root):
         try:
@@ -198,7 +200,7 @@ def ls(store_root: Optional[Path] = typer.Argument(None, help="store root (defau
         except StoreError as e:
             rows.append({"path": str(p), "complete": "DAMAGED", "dataset": str(e)[:100]})
             continue
-        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+        size = size_of(p)
         rows.append({"dataset": m["dataset"]["name"], "model": m["model"]["name"], "split": m["split"],
                      "N": m["num_samples"], "layers": m["num_layers"], "width": m["width"], "dtype": m["dtype"],
                      "protocol": m.get("extraction", {}).get("protocol", "-"), "size_mb": f"{size / 2**20:.1f}",
@@ -263,7 +265,8 @@ def extract(
     format: str = typer.Option("zarr", "--format", help="zarr | h5"),
     dtype: str = typer.Option("float16", help="float16 | float32 (stored precision)"),
     taps: str = typer.Option("alf", help="alf | blocks | modules | comma-separated module names"),
-    out: Optional[Path] = typer.Option(None, help="store root (default $ALF_FEATURES or ./features)"),
+    out: Optional[str] = typer.Option(None, help="store root: a folder or s3://bucket/prefix (default $ALF_FEATURES "
+                                                 "or ./features)"),
     overwrite: bool = typer.Option(False, help="redo complete stores"),
     amp: Optional[str] = typer.Option(None, help="off (default with --protocol paper: float32, as the authors) | "
                                       "auto (default with clean: bf16, else fp16, on CUDA; off on CPU) | bf16 | fp16; "
@@ -334,7 +337,10 @@ def probe(
     head: str = typer.Option("alf", help="head name, comma-separated names, or 'all' (every head the store supports)"),
     dataset: Optional[str] = typer.Option(None, help="dataset name as recorded in the stores (optional if one)"),
     model: Optional[str] = typer.Option(None, help="model name as recorded in the stores (optional if one)"),
-    store_root: Optional[Path] = typer.Option(None, help="where the stores are (default $ALF_FEATURES or ./features)"),
+    store_root: Optional[str] = typer.Option(None, help="where the stores are: a folder or s3://bucket/prefix "
+                                                        "(default $ALF_FEATURES or ./features)"),
+    cache_dir: Optional[Path] = typer.Option(None, help="copy stores on object storage here once and read them "
+                                             "locally (reused while a store is unchanged)"),
     protocol: str = typer.Option("paper", "--protocol", "--grid",
                                  help="paper (the authors' runs) | clean (paper, clean validation) | quick (CPU)"),
     out: Path = typer.Option(Path("results"), help="results folder"),
@@ -350,7 +356,7 @@ def probe(
     """Train heads on stored tokens; write one JSON per (dataset, model, head) and a summary table."""
     heads = _heads(head)
     _protocol(protocol), _at_least("--seed", seed, 0, 2**31 - 1), _device(device), _path("--out", out)
-    _at_least("--seeds", seeds, 1, 100), _path("--store-root", store_root)
+    _at_least("--seeds", seeds, 1, 100), _path("--store-root", store_root), _path("--cache-dir", cache_dir)
     for option, value in (("--dataset", dataset), ("--model", model), ("--tap", tap)):
         if value is not None:
             _text(option, value)
@@ -359,14 +365,14 @@ def probe(
 
     md = probe_stores(store_root or default_root(), heads, out, dataset=dataset, model=model, protocol=protocol,
                       seed=seed, device=device, allow_incomplete=allow_incomplete, tap=tap, verify=verify,
-                      distributed=distributed, seeds=seeds, echo=typer.echo)
+                      distributed=distributed, seeds=seeds, echo=typer.echo, cache_dir=cache_dir)
     if md is not None:
         typer.echo("\n" + md.read_text())
         typer.echo(f"results in {out}/ (summary.md, summary.csv, one JSON per head)")
 
 
 @app.command()
-def verify(stores: list[Path] = typer.Argument(..., help="store paths (.zarr folders or .h5 files)")):
+def verify(stores: list[str] = typer.Argument(..., help="store paths (.zarr folders, .h5 files, s3://.../x.zarr)")):
     """Re-read every chunk of each store and check it against the checksums recorded at extraction."""
     for p in stores:
         _path("store", p)
@@ -378,7 +384,8 @@ def verify(stores: list[Path] = typer.Argument(..., help="store paths (.zarr fol
 
 @app.command()
 def report(
-    store_root: Optional[Path] = typer.Option(None, help="stores (default $ALF_FEATURES or ./features)"),
+    store_root: Optional[str] = typer.Option(None, help="stores: a folder or s3://bucket/prefix (default "
+                                                        "$ALF_FEATURES or ./features)"),
     results: Path = typer.Option(Path("results"), help="results folder written by `alf probe`"),
     out: Path = typer.Option(Path("reports"), help="report folder"),
     dataset: Optional[str] = typer.Option(None), model: Optional[str] = typer.Option(None),
@@ -538,7 +545,16 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         typer.secho("interrupted; rerun the same command to resume", err=True)
         sys.exit(130)
-    except OSError as e:  # a disk that fills or a folder that vanishes outside the paths we check
+    except Exception as e:
+        from alfcache.format import explain
+
+        msg = explain(e, remote=False)  # object storage: credentials, bucket, access, network
+        if msg is not None:
+            typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
+            sys.exit(2)
+        if not isinstance(e, OSError):
+            raise
+        # a disk that fills or a folder that vanishes outside the paths we check
         where = f" '{e.filename}'" if e.filename else ""
         typer.secho(f"error: {e.strerror or type(e).__name__}{where}", err=True, fg=typer.colors.RED)
         sys.exit(2)

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from .backbones import Backbone, load_backbone
 from .datasets import HUB_DATASETS, ImageSource, dataset_slug, open_source
 from .errors import AlfError, os_error
-from .format import default_root, safe_component, store_path
+from .format import default_root, is_remote, location, safe_component, store_path
+from .remote import check_writable as check_remote_writable
 from .loader import ChunkBatches, first_readable, shared_loader
 from .locks import store_lock
 from .metadata import build_metadata, projection_arrays
@@ -95,7 +96,11 @@ class Run:
 
 def check_writable(out: Path) -> None:
     """The store root can be created and written (one line naming the cause otherwise); folders made for the
-    check are removed again, so a run that fails later leaves nothing behind."""
+    check are removed again, so a run that fails later leaves nothing behind. On object storage: one test object
+    written and deleted (no credentials, no bucket or no write permission is named before any model loads)."""
+    if is_remote(out):
+        check_remote_writable(out)
+        return
     made = [p for p in [out, *out.parents] if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -200,7 +205,7 @@ def extract_many(cfg: ExtractConfig, models: list[str], models_per_pass: int | N
         raise AlfError(f"a model is named twice in {', '.join(models)}")
     if models_per_pass is not None and models_per_pass < 1:
         raise AlfError("--models-per-pass must be at least 1")
-    out = Path(cfg.out) if cfg.out else default_root()
+    out = location(cfg.out) if cfg.out else default_root()
     check_writable(out)  # before any model is loaded: a folder that cannot be written is named as such
     sources = _open_sources(cfg)  # names are checked before a model is loaded
     results: dict[str, list[SplitResult]] = {m: [] for m in models}
@@ -260,6 +265,8 @@ def _extract_split(jobs: list[Job], source: ImageSource, out: Path) -> list[Spli
 
 def _check_space(path: Path, need: int, patches: bool) -> None:
     """Refuse a new store the disk cannot hold (h5 needs room twice: staged chunks + the final file)."""
+    if is_remote(path):  # object storage has no free-space figure to check against
+        return
     free = free_bytes(path.parent)
     if patches or need > free:
         log.warning("%s: estimated store size %s (free %s)", path, human_bytes(need), human_bytes(free))

@@ -1,9 +1,11 @@
 """The store format: the one contract between extraction (`alfcache`) and probing (`probes`).
 
-Everything a reader or a writer must agree on lives here and nowhere else: where a store lives, its two
-on-disk formats (Zarr directory, HDF5 file), the metadata keys that identify it, which versions can be read,
+Everything a reader or a writer must agree on lives here and nowhere else: where a store lives (a local folder,
+or object storage: s3://bucket/prefix, see "object storage" below), its two on-disk formats (Zarr directory, HDF5
+file), the metadata keys that identify it, which versions can be read,
 the chunk checksum, label rules, discovery and verification. It imports only numpy, zarr, h5py and the
-standard library, so `probes` can use it without pulling in any backbone library.
+standard library (and, when a location is a URL, universal_pathlib and fsspec's filesystem for it: the `s3`
+extra), so `probes` can use it without pulling in any backbone library.
 
 Logical layout (both formats, all per-sample arrays chunked along N):
     cls        (N, L, D)  float16|float32  token 0 of each tapped layer
@@ -23,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -69,8 +73,8 @@ class StoreError(Exception):
 
 # ------------------------------------------------------------------------------------------ places
 def default_root() -> Path:
-    """Where stores live unless told otherwise: $ALF_FEATURES or ./features."""
-    return Path(os.environ.get(ENV_ROOT, "features"))
+    """Where stores live unless told otherwise: $ALF_FEATURES or ./features (a folder or an s3:// URL)."""
+    return location(os.environ.get(ENV_ROOT, "features"))
 
 
 def safe_component(name: str) -> str:
@@ -81,17 +85,22 @@ def safe_component(name: str) -> str:
 
 
 def store_path(root: str | Path, dataset_slug: str, model_slug: str, split: str, fmt: str = "zarr") -> Path:
-    """`<root>/<dataset>/<model>/<split>.<fmt>`, every component sanitised (stores always land under root)."""
+    """`<root>/<dataset>/<model>/<split>.<fmt>`, every component sanitised (stores always land under root);
+    root may be a folder or an object-storage URL (s3://bucket/prefix)."""
     if fmt not in SUFFIXES.values():
         raise StoreError(f"unknown store format '{fmt}' (known: {', '.join(SUFFIXES.values())})")
-    return Path(root) / safe_component(dataset_slug) / safe_component(model_slug) / f"{safe_component(split)}.{fmt}"
+    if fmt == "h5" and is_remote(root):
+        raise StoreError(f"HDF5 stores live on local disks only; use the zarr format for '{root}'")
+    return location(root) / safe_component(dataset_slug) / safe_component(model_slug) / f"{safe_component(split)}.{fmt}"
 
 
 def store_format(path: str | Path) -> str:
-    """'zarr' or 'h5', from the suffix."""
-    fmt = SUFFIXES.get(Path(path).suffix)
+    """'zarr' or 'h5', from the suffix (on object storage: zarr only)."""
+    fmt = SUFFIXES.get(location(path).suffix)
     if fmt is None:
         raise StoreError(f"'{path}' is not a store path (expected a .zarr folder or an .h5 file)")
+    if fmt == "h5" and is_remote(path):
+        raise StoreError(f"'{path}': HDF5 stores live on local disks only; object storage holds zarr stores")
     return fmt
 
 
@@ -102,6 +111,8 @@ def staging_path(path: Path) -> Path:
 
 def find_stores(root: str | Path) -> list[Path]:
     """Every store-shaped path under root (a .zarr folder or an .h5 file), readable or not."""
+    if is_remote(root):
+        return _find_remote_stores(root)
     root = Path(root)
     if not root.is_dir():
         return []
@@ -112,7 +123,11 @@ def find_stores(root: str | Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------ files
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Write a whole file so that a reader sees the old content or the new one, never a torn one: a temporary
-    file beside it, fsync, rename. Every file the project writes (manifests, results, summaries) goes this way."""
+    file beside it, fsync, rename. Every file the project writes (manifests, results, summaries) goes this way.
+    On object storage one PUT does the same: the object is replaced whole or not at all."""
+    if is_remote(path):
+        location(path).write_bytes(data.encode() if isinstance(data, str) else data)
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -154,12 +169,12 @@ def _raw_metadata(path: Path) -> dict:
             return json.loads(f.attrs["alfcache"])
     import zarr
 
-    return dict(zarr.open_group(str(path), mode="r").attrs)
+    return dict(zarr.open_group(zarr_store(path, read_only=True), mode="r").attrs)
 
 
 def read_metadata(path: str | Path) -> dict:
     """The metadata of a store of either format, checked: an alfcache store of a readable version."""
-    path = Path(path)
+    path = location(path)
     if not path.exists():
         raise StoreError(f"no store at '{path}'")
     try:
@@ -167,6 +182,7 @@ def read_metadata(path: str | Path) -> dict:
     except StoreError:
         raise
     except Exception as e:  # missing / broken zarr.json, truncated .h5, unreadable attribute
+        _raise_access(path, e)
         raise StoreError(f"store '{path}' is damaged: its metadata cannot be read ({type(e).__name__}); "
                          f"re-extract it with --overwrite") from None
     if meta.get("format") != FORMAT:
@@ -225,7 +241,7 @@ class StoreArrays:
 
 def open_arrays(path: str | Path, meta: dict | None = None) -> StoreArrays:
     """Open a store of either format read-only (its metadata checked unless given)."""
-    path = Path(path)
+    path = location(path)
     meta = read_metadata(path) if meta is None else meta
     try:
         if store_format(path) == "h5":
@@ -235,10 +251,26 @@ def open_arrays(path: str | Path, meta: dict | None = None) -> StoreArrays:
         else:
             import zarr
 
-            handle = zarr.open_group(str(path), mode="r")
+            handle = zarr.open_group(zarr_store(path, read_only=True), mode="r")
     except Exception as e:
+        _raise_access(path, e)
         raise damaged(path, f"it cannot be opened ({type(e).__name__})") from None
     return StoreArrays(path, handle, meta)
+
+
+def mirror_store(path, cache_dir, meta: dict | None = None) -> Path:
+    """A complete store on object storage copied once into `cache_dir` (reused while unchanged); local stores are
+    returned as they are. The read-through cache of `alf probe --cache-dir`."""
+    if not is_remote(path):
+        return Path(path)
+    meta = read_metadata(path) if meta is None else meta
+    if not meta.get("complete"):
+        raise StoreError(f"store '{path}' is incomplete (extraction did not finish); it is not cached")
+    try:
+        return _mirror(path, cache_dir, meta)
+    except Exception as e:
+        _raise_access(path, e)
+        raise
 
 
 def token_arrays(meta: dict) -> list[str]:
@@ -267,6 +299,37 @@ def array_checksum(arr: np.ndarray) -> str:
     """Checksum of a whole small array (the projection): sha256 of dtype, shape and bytes, 32 hex digits."""
     arr = np.ascontiguousarray(arr)
     return hashlib.sha256(f"{arr.dtype}|{arr.shape}|".encode() + arr.tobytes()).hexdigest()[:32]
+
+
+def prefetched(fn, items, ahead: int):
+    """fn(item) for each item, in order, with up to `ahead` calls running in threads ahead of the consumer (reads
+    from object storage wait on the network: several requests in flight hide that); ahead <= 1: one at a time."""
+    items = list(items)
+    if ahead <= 1 or len(items) <= 1:
+        for it in items:
+            yield fn(it)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="alf-read-ahead") as pool:
+        futures = deque()
+        rest = iter(items)
+        for it in rest:
+            futures.append(pool.submit(fn, it))
+            if len(futures) >= ahead:
+                break
+        while futures:
+            done = futures.popleft().result()
+            nxt = next(rest, None)
+            if nxt is not None:
+                futures.append(pool.submit(fn, nxt))
+            yield done
+
+
+def read_ahead(path) -> int:
+    """Chunk reads to keep in flight for a store: $ALF_READ_AHEAD (default 8) on object storage, 1 on disk."""
+    return int(os.environ.get("ALF_READ_AHEAD", "8")) if is_remote(path) else 1
 
 
 def chunk_ranges(meta: dict) -> Iterator[tuple[int, int, int]]:
@@ -301,7 +364,7 @@ def check_labels(labels: np.ndarray, meta: dict, path: Path | str | None = None)
 def verify_store(path: str | Path, progress: bool = False) -> int:
     """Re-read every chunk of a complete store (every token array, labels and, from version 2, sample ids) and
     compare its checksum; also the projection arrays. Names the first bad chunk. Returns the number of chunks."""
-    path = Path(path)
+    path = location(path)
     meta = read_metadata(path)
     sums = meta.get("chunk_checksums")
     if not meta.get("complete") or sums is None:
@@ -314,19 +377,22 @@ def verify_store(path: str | Path, progress: bool = False) -> int:
         raise damaged(path, f"{len(sums)} checksums for {len(ranges)} chunks")
     with open_arrays(path, meta) as arrays:
         check_intact(path, meta, arrays.handle)
-        it = ranges
+        def load(rng):
+            k, a, b = rng
+            try:
+                block = {name: np.asarray(arrays[name][a:b]) for name in names}
+                return block, np.asarray(arrays["labels"][a:b]), (arrays.ids(a, b) if version >= 2 else None)
+            except Exception as e:
+                _raise_access(path, e)
+                raise damaged(path, f"chunk {k} (rows {a}-{b - 1}) cannot be read ({type(e).__name__}); "
+                                    f"it is corrupted") from None
+
+        it = zip(ranges, prefetched(load, ranges, read_ahead(path)))
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(ranges, desc=f"verify {path.name}", unit="chunk", leave=False)
-        for k, a, b in it:
-            try:
-                block = {name: np.asarray(arrays[name][a:b]) for name in names}
-                labels = np.asarray(arrays["labels"][a:b])
-                ids = arrays.ids(a, b) if version >= 2 else None
-            except Exception as e:
-                raise damaged(path, f"chunk {k} (rows {a}-{b - 1}) cannot be read ({type(e).__name__}); "
-                                    f"it is corrupted") from None
+            it = tqdm(it, total=len(ranges), desc=f"verify {path.name}", unit="chunk", leave=False)
+        for (k, a, b), (block, labels, ids) in it:
             if chunk_checksum(block, labels, ids, version) != sums[k]:
                 raise damaged(path, f"chunk {k} (rows {a}-{b - 1}) fails its checksum (the data was changed or "
                                     f"corrupted on disk)")
@@ -349,6 +415,20 @@ def required_arrays(meta: dict) -> list[str]:
     if meta.get("projection"):
         names += list(PROJECTION)
     return names
+
+
+def _raise_access(path, exc: BaseException) -> None:
+    """A store on object storage that cannot be reached or read (credentials, bucket, network) is not damaged:
+    raise the one line that says what is wrong with the access instead."""
+    if path is not None and is_remote(path):
+        msg = explain(exc, path=path)
+        if msg is not None:
+            raise StoreError(f"{msg} [{path}]") from None
+
+
+def access_error(path, exc: BaseException) -> None:
+    """Public form of the access check for readers (`probes`): raises the one-line StoreError, or returns."""
+    _raise_access(path, exc)
 
 
 def damaged(path: str | Path | None, why: str) -> StoreError:
@@ -390,6 +470,7 @@ def check_intact(path: str | Path, meta: dict, handle, chunks: bool = True) -> N
         except StoreError:
             raise
         except Exception as e:
+            _raise_access(path, e)
             raise damaged(path, f"the chunks of '{name}' cannot be listed ({type(e).__name__}: {e})") from None
         if gaps:
             raise damaged(path, f"'{name}' has no data on disk for rows {_rows(gaps)} (chunk files missing on "
@@ -475,8 +556,180 @@ def _h5_unwritten(ds) -> list[tuple[int, int]]:
     return _spans(starts, ds.chunks[0], ds.shape[0])
 
 
+
+# ------------------------------------------------------------------------------------------ object storage
+# Stores on object storage (s3://, and gs:// / az:// where fsspec has a filesystem for them). A store location is
+# a local `Path` or, for a URL, a `UPath` (universal_pathlib over fsspec): the same path operations (`/`, `.name`,
+# `.parent`, `.exists()`, `.glob()`, `.read_text()`) work on both, so the writer, the reader, the manifest and
+# discovery take either. Zarr v3 reads and writes the same format through fsspec; HDF5 stores stay on local disks.
+# - No renames: every object is one PUT, which a reader sees whole or not at all (`write_atomic`); a chunk's
+#   objects are written before its manifest entry, so a killed writer resumes at its first chunk not recorded.
+# - Listings are not cached (`use_listings_cache=False`): a reader must see what another machine just wrote.
+# - Transient failures are retried by botocore with back-off (ALF_S3_RETRIES attempts, default 8); what still
+#   fails becomes one line (`explain`): no credentials, no bucket, access denied, the service unreachable.
+# Credentials and the endpoint come from the standard places (AWS_* environment variables, ~/.aws/config and
+# credentials, instance roles; AWS_ENDPOINT_URL for S3-compatible servers), never from the command line.
+# The writer's side (put-if-absent locks, deleting a store, the write test) is in `remote.py`.
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+LOCAL_PROTOCOLS = ("", "file", "local")
+ENV_RETRIES = "ALF_S3_RETRIES"
+
+
+def is_remote(path) -> bool:
+    """Is this a location on object storage (a URL other than file://, or a UPath over a remote filesystem)?"""
+    proto = getattr(path, "protocol", None)
+    if proto is not None and not isinstance(path, Path):
+        return proto not in LOCAL_PROTOCOLS
+    s = str(path)
+    return bool(URL.match(s)) and not s.startswith("file://")
+
+
+def storage_options(protocol: str) -> dict:
+    """fsspec options for a protocol: fresh listings and botocore's retries with back-off for S3."""
+    if protocol in ("s3", "s3a"):
+        attempts = int(os.environ.get(ENV_RETRIES, "8"))
+        return {"use_listings_cache": False,
+                "config_kwargs": {"retries": {"max_attempts": attempts, "mode": "standard"},
+                                  "connect_timeout": 5, "read_timeout": 60}}
+    return {}
+
+
+def location(path):
+    """A local Path, or a UPath for a URL (s3://bucket/prefix)."""
+    if not is_remote(path):
+        s = str(path)
+        return Path(s[len("file://"):] if s.startswith("file://") else s) if not isinstance(path, Path) else path
+    if not isinstance(path, str):
+        return path  # already a UPath
+    proto = str(path).split("://", 1)[0].lower()
+    try:
+        from upath import UPath
+
+        return UPath(str(path), **storage_options(proto))
+    except ImportError as e:
+        raise StoreError(f"'{path}' is on object storage, which needs {e.name or 'universal_pathlib'} and the "
+                         f"filesystem for {proto}:// (pip install 'alfcache[s3]')") from None
+    except ValueError as e:  # fsspec has no filesystem for this protocol
+        raise StoreError(f"'{path}': {e}") from None
+
+
+def zarr_store(path, read_only: bool):
+    """What zarr opens: the local folder as text, or an fsspec store over the same filesystem options."""
+    if not is_remote(path):
+        return str(path)
+    from zarr.storage import FsspecStore
+
+    proto = str(path).split("://", 1)[0].lower()
+    return FsspecStore.from_url(str(path), storage_options=storage_options(proto), read_only=read_only)
+
+
+def _find_remote_stores(root, max_depth: int = 6) -> list:
+    """Every `*.zarr` prefix under a remote root, by delimiter listings that never descend into a store (a
+    store holds thousands of chunk objects; the root's listing stays one request per folder)."""
+    root = location(root)
+    fs = root.fs
+    found, todo = [], [(root.path.rstrip("/"), 0)]
+    while todo:
+        key, depth = todo.pop()
+        try:
+            entries = fs.ls(key, detail=True)
+        except FileNotFoundError:
+            continue
+        for e in entries:
+            name = e["name"].rstrip("/")
+            if e.get("type") != "directory":
+                continue
+            if name.endswith(".zarr"):
+                found.append(root / name[len(root.path.rstrip("/")) + 1:])
+            elif depth < max_depth:
+                todo.append((name, depth + 1))
+    return sorted(found, key=str)
+
+
+def size_of(path) -> int:
+    """Bytes stored under a store's prefix (or in a local file / folder)."""
+    p = location(path)
+    if not is_remote(p):
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    return int(p.fs.du(p.path, total=True))
+
+
+def _mirror(path, cache_dir, meta: dict) -> Path:
+    """A local copy of a complete remote store under `cache_dir`, fetched once (all objects, many requests in
+    flight) and reused while the store is unchanged: the copy is named by the store's URL and identified by its
+    chunk checksums and creation time, so a store re-extracted in the bucket is fetched again. The copy is
+    built beside its final name and renamed into place, so a killed fetch leaves no half copy in use."""
+    p = location(path)
+    ident = json.dumps([str(p), meta.get("created_at"), meta.get("chunk_checksums")], sort_keys=True)
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    dest = Path(cache_dir) / f"{digest}-{p.name}"
+    if (dest / "zarr.json").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + f".partial{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        p.fs.get(p.path.rstrip("/") + "/", str(tmp) + "/", recursive=True)
+        for stale in tmp.glob("alf_progress*.json"):
+            stale.unlink()
+        os.replace(tmp, dest)
+    except FileExistsError:  # another process put the same copy in place first
+        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if dest.is_dir():  # lost a race to an identical copy
+            return dest
+        raise e
+    return dest
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+REMOTE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs", "obstore", "urllib3")
+
+
+def explain(exc: BaseException, remote: bool = True, path=None) -> str | None:
+    """One line for an object-storage failure (None when it is not one): the cause and the way out. With
+    remote=False (the caller does not know where the error came from) only errors raised by an object-storage
+    client library count."""
+    if not remote and not any(type(e).__module__.split(".")[0] in REMOTE_MODULES for e in _chain(exc)):
+        return None
+    names = {b.__name__ for e in _chain(exc) for b in type(e).__mro__}
+    text = " ".join(str(e) for e in _chain(exc))
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the S3 endpoint"
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return ("object storage: no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                "AWS_PROFILE / ~/.aws/credentials, or run where an instance role applies)")
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        bucket = re.search(r"(?:BucketName|bucket)[=: ]+'?([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])'?", text)
+        name = bucket.group(1) if bucket and bucket.group(1) not in ("does", "the", "is") else None
+        if name is None and path is not None and is_remote(path):
+            name = str(path).split("://", 1)[1].split("/")[0]
+        which = f" '{name}'" if name else ""
+        return f"object storage: the bucket{which} does not exist (create it, or check the URL and {endpoint})"
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionClosedError",
+                "ReadTimeoutError", "ServerDisconnectedError", "FSTimeoutError"} or (
+            "ConnectionError" in names and "Connect" in text):
+        attempts = os.environ.get(ENV_RETRIES, "8")
+        return (f"object storage unreachable at {endpoint} (gave up after {attempts} attempts with back-off); "
+                f"everything written before is kept - rerun the same command to resume")
+    if names & {"PermissionError"} or "AccessDenied" in text or "Forbidden" in text:
+        target = next((e.filename for e in _chain(exc) if getattr(e, "filename", None)), None)
+        where = f" '{target}'" if target else ""
+        return (f"object storage: access denied{where} (the credentials may not read or write there; check the "
+                f"bucket policy or use a bucket you may write)")
+    if "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+        return "object storage: the credentials were refused (InvalidAccessKeyId / SignatureDoesNotMatch)"
+    return None
+
 __all__ = ["FORMAT", "VERSION", "READABLE_VERSIONS", "PAIR_KEYS", "RESUME_KEYS", "StoreArrays", "StoreError",
            "array_checksum", "check_labels", "chunk_checksum", "chunk_ranges", "dataset_key", "default_root", "differing",
            "model_key",
            "find_stores", "get", "check_intact", "damaged", "open_arrays", "required_arrays", "read_metadata", "safe_component", "staging_path",
-           "store_format", "store_path", "token_arrays", "token_codec", "verify_store", "write_atomic"]
+           "store_format", "store_path", "access_error", "prefetched", "read_ahead", "explain", "size_of", "storage_options", "zarr_store", "is_remote", "location", "mirror_store", "token_arrays", "token_codec", "verify_store", "write_atomic"]

@@ -2,6 +2,16 @@
 
 A lock left by a dead process on this host is stale and taken over with a warning; a lock from another host is
 only taken over on request (--break-lock). A lock file that cannot be read is named as damaged.
+
+On object storage the lock is an object created with put-if-absent (one conditional PUT: of several writers
+starting at once exactly one creates it, on services that honour `If-None-Match`, as AWS S3 does). Its holder
+rewrites it every ALF_LOCK_STALE_S / 5 seconds; a lock not rewritten for ALF_LOCK_STALE_S (default 300 s) is
+stale - its holder died on some machine - and is taken over. Before recording each chunk the writer checks that
+the lock still names it (`check_held`), so a writer that was silent past the stale time (and was replaced) stops
+at its next chunk instead of writing on. Two writers of one store extract the same bytes for a chunk (the
+resume keys fix everything a chunk depends on), so a chunk written twice in that window is the same chunk.
+Not guaranteed: on a service that ignores conditional writes, two writers that start within one request of each
+other can both believe they won until one's check before its first chunk.
 """
 from __future__ import annotations
 
@@ -12,9 +22,15 @@ import re
 import socket
 import time
 from contextlib import contextmanager
+import threading
+import uuid
 from pathlib import Path
 
 from .errors import AlfError, os_error
+from .format import is_remote, location
+
+ENV_STALE = "ALF_LOCK_STALE_S"
+_HELD: dict[str, str] = {}  # remote store -> the token of the lock this process holds on it
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +42,10 @@ def lock_path(store: Path) -> Path:
 @contextmanager
 def store_lock(path: Path, break_lock: bool = False):
     """Hold the exclusive writer lock of the store at `path` for the duration of the block."""
+    if is_remote(path):
+        with _remote_lock(location(path), break_lock):
+            yield
+        return
     lock = lock_path(path)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +91,88 @@ def store_lock(path: Path, break_lock: bool = False):
         yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _stale_after() -> float:
+    return float(os.environ.get(ENV_STALE, "300"))
+
+
+def _read_remote(lock) -> dict | None:
+    try:
+        holder = json.loads(lock.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        return None
+    return holder if isinstance(holder, dict) and holder.get("token") else None
+
+
+@contextmanager
+def _remote_lock(path, break_lock: bool):
+    from .remote import modified_age, put_if_absent
+
+    lock = lock_path(path)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+          "token": uuid.uuid4().hex}
+    body = json.dumps(me).encode()
+    stale_s = _stale_after()
+    for _ in range(3):
+        if put_if_absent(lock, body) and _read_remote(lock).get("token") == me["token"]:
+            break
+        holder, age = _read_remote(lock), modified_age(lock)
+        if holder == {} or age is None:  # released between our two requests: try again
+            continue
+        same_host_dead = bool(holder) and holder.get("host") == me["host"] and not _pid_alive(holder.get("pid"))
+        if holder is None and not break_lock and age < 5:
+            raise AlfError(f"store '{path}' has a lock object '{lock}' that cannot be read; if no extraction is "
+                           f"running, pass --break-lock")
+        if holder is None or same_host_dead or age > stale_s or break_lock:
+            why = ("unreadable" if holder is None else "stale" if same_host_dead or age > stale_s else "forcibly")
+            log.warning("removing %s lock on %s (held by %s, last refreshed %.0f s ago)", why, path,
+                        holder and f"pid {holder.get('pid')} on {holder.get('host')}", age)
+            lock.unlink(missing_ok=True)
+            continue
+        raise AlfError(f"store '{path}' is being written by pid {holder.get('pid')} on {holder.get('host')} since "
+                       f"{holder.get('since')} (its lock was refreshed {age:.0f} s ago; a lock left {stale_s:.0f} s "
+                       f"without refresh is taken over); wait for it, or pass --break-lock if that process is gone")
+    else:
+        raise AlfError(f"could not take the lock '{lock}' (another writer keeps recreating it)")
+    _HELD[str(path)] = me["token"]
+    stop = threading.Event()
+
+    def refresh():  # keep the lock young while we hold it; never rewrite someone else's
+        while not stop.wait(stale_s / 5):
+            try:
+                if _read_remote(lock).get("token") != me["token"]:
+                    return
+                lock.write_bytes(body)
+            except Exception as e:  # noqa: BLE001 - a failed refresh is retried; check_held decides
+                log.warning("could not refresh the lock %s: %s", lock, e)
+
+    beat = threading.Thread(target=refresh, name="alf-lock-refresh", daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        _HELD.pop(str(path), None)
+        try:
+            if _read_remote(lock).get("token") == me["token"]:
+                lock.unlink(missing_ok=True)
+        except Exception as e:  # noqa: BLE001 - the lock goes stale by itself
+            log.warning("could not release the lock %s: %s", lock, e)
+
+
+def check_held(path) -> None:
+    """Before a chunk is recorded: the lock of a remote store this process took must still name it."""
+    token = _HELD.get(str(path))
+    if token is None:
+        return
+    holder = _read_remote(lock_path(location(path)))
+    if not holder or holder.get("token") != token:
+        who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "nobody (it was removed)"
+        raise AlfError(f"lost the lock of store '{path}': it now names {who}; stopping this writer (every chunk "
+                       f"recorded so far is durable; the new writer resumes from them)")
 
 
 def _young(lock: Path, seconds: float = 5.0) -> bool:

@@ -20,8 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AlfError, disk_full_error, os_error
-from .format import (PROJECTION, StoreError, chunk_checksum, differing, RESUME_KEYS, read_metadata, staging_path,
-                     store_format, token_arrays, token_codec, write_atomic)
+from .format import (PROJECTION, StoreError, chunk_checksum, differing, RESUME_KEYS, is_remote, read_metadata,
+                     staging_path, store_format, token_arrays, token_codec, write_atomic)
+from .locks import check_held
+from .format import explain, zarr_store
+from .remote import remove_tree
 from .manifest import Manifest, Progress
 
 
@@ -62,6 +65,7 @@ class Sink:
         try:
             self._put(k, arrays, labels, ids)
             checksum = chunk_checksum(arrays, labels, ids, self.meta["format_version"])
+            check_held(self.path)  # still this store's writer (object storage: the lock can be taken over)
             self.manifest.record(k, checksum, skipped)
             self.progress.done[k] = checksum
             self.progress.skipped += skipped
@@ -72,6 +76,15 @@ class Sink:
                 self._failed = os_error(self.path, e)
                 if self._failed is None:
                     raise
+            raise self._failed from None
+        except AlfError as e:
+            self._failed = e
+            raise
+        except Exception as e:  # object storage: unreachable after the retries, access denied, ...
+            msg = explain(e) if is_remote(self.path) else None
+            if msg is None:
+                raise
+            self._failed = AlfError(f"writing chunk {k} of '{self.path}': {msg}")
             raise self._failed from None
 
     def finalize_meta(self) -> dict:
@@ -103,7 +116,7 @@ class ZarrSink(Sink):
         super().__init__(path, meta, path, rank, world)
         n = meta["num_samples"]
         if create:
-            g = zarr.open_group(str(path), mode="w")
+            g = zarr.open_group(zarr_store(path, read_only=False), mode="w")
             for name, spec in meta["arrays"].items():
                 shape = tuple(spec["shape"])
                 parent, _, leaf = name.rpartition("/")
@@ -118,7 +131,7 @@ class ZarrSink(Sink):
                 grp.create_array(leaf, shape=arr.shape, dtype=arr.dtype, fill_value=0)[...] = arr
             g.attrs.update(meta)
             self.manifest.save()
-        self.group = zarr.open_group(str(path), mode="r+")
+        self.group = zarr.open_group(zarr_store(path, read_only=False), mode="r+")
         self.reload()
 
     def _put(self, k, arrays, labels, ids):
@@ -228,11 +241,9 @@ def open_sink(path: Path, meta: dict, *, overwrite: bool, world: int = 1,
     fmt = store_format(path)
     new = functools.partial(SINKS[fmt], rank=0, world=world)
     if overwrite:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        shutil.rmtree(staging_path(path), ignore_errors=True)
+        remove_tree(path)
+        if fmt == "h5":
+            shutil.rmtree(staging_path(path), ignore_errors=True)
         return new(path, meta, create=True, extras=extras)
     if path.exists():
         old = read_metadata(path)

@@ -13,7 +13,8 @@ from .results import check_output, result_line
 def probe_stores(store_root: Path, heads: list[str], out: Path, *, dataset: str | None = None,
                  model: str | None = None, protocol: str = "paper", seed: int = 0, device: str = "auto",
                  allow_incomplete: bool = False, tap: str | None = None, verify: bool = True,
-                 distributed: bool = False, seeds: int = 1, echo: Echo = print) -> Path | None:
+                 distributed: bool = False, seeds: int = 1, echo: Echo = print,
+                 cache_dir: Path | None = None) -> Path | None:
     """`alf probe`: every (dataset, model) pair under the store root (or the one named), the given heads, one
     result line per head, then the summary table. Returns summary.md (None on ranks > 0)."""
     from probes import ranks as rank_group
@@ -32,7 +33,7 @@ def probe_stores(store_root: Path, heads: list[str], out: Path, *, dataset: str 
     for pair in pairs:
         run_heads(pair, heads, protocol, out, seed=seed, device=device, allow_incomplete=allow_incomplete,
                   on_result=(lambda r: echo(result_line(r))) if ranks.rank == 0 else None, tap=tap, verify=verify,
-                  seeds=seeds)
+                  seeds=seeds, cache_dir=cache_dir)
     if ranks.rank > 0:
         return None
     _, md, _ = write_summary(out)

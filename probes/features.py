@@ -78,15 +78,22 @@ class FeatureSet:
         return klass(cls_tokens, ap, labels, class_names, layer_names, patches, meta, projection=projection)
 
     @classmethod
-    def open(klass, path: str | Path, *, in_memory: bool = False, allow_incomplete: bool = False) -> "FeatureSet":
-        """Open a store lazily (memory-mapped chunks); `in_memory=True` reads the token arrays into RAM.
+    def open(klass, path: str | Path, *, in_memory: bool = False, allow_incomplete: bool = False,
+             cache_dir: str | Path | None = None) -> "FeatureSet":
+        """Open a store lazily (memory-mapped chunks); `in_memory=True` reads the token arrays into RAM. `path`
+        may be on object storage (s3://bucket/...: chunks are read with several requests in flight); with
+        `cache_dir` a complete remote store is copied there once and read locally (a read-through cache).
 
         Every array the store lists must open with the recorded shape and dtype, and (complete stores) hold data
         for every chunk: a chunk missing on disk would read as fill values, so it is refused whether or not the
         checksums are verified. Labels are checked against the class list. A chunk that cannot be decoded later
         is one 'damaged' StoreError too."""
-        path = Path(path)
+        path = store_format.location(path)
         meta = read_metadata(path)
+        if cache_dir is not None and store_format.is_remote(path) and meta.get("complete"):
+            fs = klass.open(store_format.mirror_store(path, cache_dir, meta), in_memory=in_memory)
+            fs.path = path  # named by where it lives; read from the local copy
+            return fs
         if not meta.get("complete") and not allow_incomplete:
             raise ProbeError(f"store '{path}' is incomplete (extraction did not finish); rerun the extraction to "
                              f"resume it, or pass allow_incomplete / --allow-incomplete")
@@ -274,10 +281,12 @@ class FeatureSet:
             yield 0, (sel[:, layers] if layers is not None else sel)
             return
         chunk = sorted_rows // self.chunk_rows
+        parts = np.split(sorted_rows, np.flatnonzero(np.diff(chunk)) + 1) if len(sorted_rows) else []
+        ahead = store_format.read_ahead(self.path) if self.path is not None else 1
+        read = lambda part: _read(arr, slice(int(part[0]), int(part[-1]) + 1), self.path)  # noqa: E731
         pos = 0
-        for part in np.split(sorted_rows, np.flatnonzero(np.diff(chunk)) + 1) if len(sorted_rows) else []:
+        for part, block in zip(parts, store_format.prefetched(read, parts, ahead)):
             a, b = int(part[0]), int(part[-1]) + 1
-            block = _read(arr, slice(a, b), self.path)
             if b - a != len(part):
                 block = block[part - a]
             yield pos, (block[:, layers] if layers is not None else block)
@@ -290,6 +299,7 @@ def _read(arr, sel, path, name: str | None = None) -> np.ndarray:
     try:
         return np.asarray(arr[sel])
     except Exception as e:
+        store_format.access_error(path, e)  # object storage out of reach: that, not 'damaged'
         name = name or getattr(arr, "path", None) or getattr(arr, "name", "?")
         rows = f"rows {sel.start}-{sel.stop - 1} of " if isinstance(sel, slice) and sel.stop is not None else ""
         raise damaged(path, f"{rows}'{str(name).lstrip('/')}' cannot be read ({type(e).__name__}: "

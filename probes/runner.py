@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 
-from alfcache.format import StoreError, dataset_key, find_stores, model_key, read_metadata
+from alfcache.format import StoreError, dataset_key, find_stores, location, mirror_store, model_key, read_metadata
 
 from .errors import ProbeError, unknown_name
 from .features import FeatureSet, check_compatible, verify_store
@@ -94,7 +94,7 @@ def discover(store_root: str | Path, dataset: str | None = None, model: str | No
     matches a recorded name or dataset folder name. A store that cannot be read is named as damaged where it
     would have completed a pair. With `skip_unusable`, groups lacking a split or holding an incomplete store are
     left out (reports)."""
-    root = Path(store_root)
+    root = location(store_root)
     if not root.is_dir():
         raise ProbeError(f"store root '{root}' does not exist; run `alf extract` first or pass --store-root")
     groups, damaged = _read_stores(root, skip_unusable)
@@ -127,20 +127,24 @@ def discover(store_root: str | Path, dataset: str | None = None, model: str | No
 
 def run_heads(pair: StorePair, heads: list[str], protocol: str | dict, out: Path, *, seed: int = 0, device=None,
               allow_incomplete: bool = False, progress: bool = True, on_result=None, tap: str | None = None,
-              verify: bool = True, seeds: int = 1) -> list[dict]:
+              verify: bool = True, seeds: int = 1, cache_dir: str | Path | None = None) -> list[dict]:
     """Fit each head on the pair's train store with `seeds` seeds (seed, seed + 1, ...: each its own validation
     split, initialisation and batches; the grid in one pass per seed), score it on the test store, and write one
     result per head: the scores' mean and spread over seeds, every seed's own figures, the attention weights
-    (mean over seeds) and each seed's probe."""
+    (mean over seeds) and each seed's probe. With `cache_dir`, stores on object storage are copied there once and
+    verified and read locally."""
     check_heads(heads)
-    train = FeatureSet.open(pair.train, allow_incomplete=allow_incomplete)
-    test = FeatureSet.open(pair.test, allow_incomplete=allow_incomplete)
+    where = {"train": pair.train, "test": pair.test}
+    if cache_dir is not None and not allow_incomplete:
+        where = {k: mirror_store(p, cache_dir) for k, p in where.items()}
+    train = FeatureSet.open(where["train"], allow_incomplete=allow_incomplete)
+    test = FeatureSet.open(where["test"], allow_incomplete=allow_incomplete)
     check_compatible(train, test)
     train, test = train.select_tap(tap), test.select_tap(tap)
     heads = supported_heads(train) if heads == ["all"] else heads
     check_heads(heads, has_patches=train.patches is not None)
     if verify and not allow_incomplete:
-        for p in (pair.train, pair.test):
+        for p in where.values():
             verify_store(p)
     records = []
     for h in heads:
