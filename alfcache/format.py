@@ -211,9 +211,12 @@ class StoreArrays:
     def __init__(self, path: Path, handle, meta: dict):
         self.path, self.handle, self.meta = path, handle, meta
         self.fmt = store_format(path)
+        self._open: dict = {}  # arrays opened once (on object storage each opening is a request)
 
     def __getitem__(self, name: str):
-        return self.handle[name]
+        if name not in self._open:
+            self._open[name] = self.handle[name]
+        return self._open[name]
 
     def __contains__(self, name: str) -> bool:
         try:
@@ -223,7 +226,7 @@ class StoreArrays:
         return True
 
     def ids(self, a: int = 0, b: int | None = None) -> list[str]:
-        ds = self.handle["sample_ids"]
+        ds = self["sample_ids"]
         if self.fmt == "h5":
             return list(ds.asstr()[a:b])
         return [str(s) for s in ds[a:b]]

@@ -41,12 +41,12 @@ def read_all(path) -> float:
     return time.perf_counter() - t
 
 
-def main(repeats: int = 2, width: int = 384, depth: int = 12):
+def main(repeats: int = 2, width: int = 192, depth: int = 12):
     from alfcache.backbones import build_random_model
 
     tmp = Path(tempfile.mkdtemp())
     model = build_random_model(tmp / "vit", img_size=32, patch_size=4, embed_dim=width, depth=depth,
-                               num_heads=6, seed=0)
+                               num_heads=3, seed=0)
     with S3Server() as s3:
         os.environ.update(s3.env)
         s3.bucket("bench")
