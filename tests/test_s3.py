@@ -143,6 +143,11 @@ def test_extract_into_a_bucket_and_probe_from_it(s3, tiny_model, digits_stores, 
         (json.loads(f.read_text()) for f in (tmp_path / "l").rglob("linear.json"))
     assert a["test_balanced_accuracy"] == b["test_balanced_accuracy"], (p.stdout, q.stdout)
     assert a["train_store"] == store(root)
+    # the report reads the per-layer tokens from the bucket too
+    rep = run_alf("report", "--store-root", root, "--results", tmp_path / "r", "--out", tmp_path / "rep",
+                  "--protocol", "quick", "--no-modules", check=True)
+    [layers_md] = (tmp_path / "rep" / "layers").rglob("*.md")
+    assert "layer" in layers_md.read_text() and "report:" in rep.stdout
 
 
 def test_cache_dir_reads_a_local_copy_once(s3, tiny_model, digits_stores, tmp_path):
