@@ -117,7 +117,7 @@ def _remote_lock(path, break_lock: bool):
     body = json.dumps(me).encode()
     stale_s = _stale_after()
     for _ in range(3):
-        if put_if_absent(lock, body) and _read_remote(lock).get("token") == me["token"]:
+        if put_if_absent(lock, body) and (_read_remote(lock) or {}).get("token") == me["token"]:
             break
         holder, age = _read_remote(lock), modified_age(lock)
         if holder == {} or age is None:  # released between our two requests: try again
@@ -143,7 +143,7 @@ def _remote_lock(path, break_lock: bool):
     def refresh():  # keep the lock young while we hold it; never rewrite someone else's
         while not stop.wait(stale_s / 5):
             try:
-                if _read_remote(lock).get("token") != me["token"]:
+                if (_read_remote(lock) or {}).get("token") != me["token"]:
                     return
                 lock.write_bytes(body)
             except Exception as e:  # noqa: BLE001 - a failed refresh is retried; check_held decides
@@ -157,7 +157,7 @@ def _remote_lock(path, break_lock: bool):
         stop.set()
         _HELD.pop(str(path), None)
         try:
-            if _read_remote(lock).get("token") == me["token"]:
+            if (_read_remote(lock) or {}).get("token") == me["token"]:
                 lock.unlink(missing_ok=True)
         except Exception as e:  # noqa: BLE001 - the lock goes stale by itself
             log.warning("could not release the lock %s: %s", lock, e)

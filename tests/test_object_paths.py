@@ -1,0 +1,174 @@
+"""The object-storage rules of the store contract that need no server: which locations are remote, what they become,
+the filesystem options, the one-line explanations of client errors, and the read-ahead helper. (The behaviour
+against a real S3 server is tests/test_s3.py.)"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from alfcache import format as F
+
+botocore = pytest.importorskip("botocore")
+pytest.importorskip("upath")
+
+
+@pytest.mark.parametrize("where, remote", [
+    ("s3://bucket/x", True), ("S3://bucket/x", True), ("gs://b/x", True), ("az://c/x", True),
+    ("s3a://b/x", True), ("features", False), ("/abs/features", False), ("./s3://not-a-url", False),
+    ("file:///tmp/x", False), ("s3:/bucket/x", False), ("3s://b/x", False), ("", False)])
+def test_is_remote(where, remote):
+    assert F.is_remote(where) is remote
+    assert F.is_remote(Path(where)) is False  # a Path is local whatever it is called
+
+
+def test_location_local_and_remote():
+    assert F.location("features/a") == Path("features/a") and isinstance(F.location("x"), Path)
+    p = Path("/tmp/x")
+    assert F.location(p) is p
+    assert F.location("file:///tmp/x/y.zarr") == Path("/tmp/x/y.zarr")
+    u = F.location("s3://bucket/root")
+    assert str(u) == "s3://bucket/root" and F.is_remote(u) and F.location(u) is u
+    s = u / "digits" / "m" / "train.zarr"
+    assert str(s) == "s3://bucket/root/digits/m/train.zarr" and s.name == "train.zarr" and s.suffix == ".zarr"
+    assert F.is_remote(s) and str(s.parent) == "s3://bucket/root/digits/m"
+    opts = u.storage_options
+    assert opts["use_listings_cache"] is False
+    assert opts["config_kwargs"]["retries"] == {"max_attempts": 8, "mode": "standard"}
+    with pytest.raises(F.StoreError, match="nosuchproto"):
+        F.location("nosuchproto://b/x")
+
+
+def test_store_paths_on_object_storage():
+    assert str(F.store_path("s3://b/root", "fer 2013", "clip/l", "train")) == "s3://b/root/fer-2013/clip-l/train.zarr"
+    with pytest.raises(F.StoreError, match="HDF5 stores live on local disks only"):
+        F.store_path("s3://b/root", "d", "m", "train", "h5")
+    with pytest.raises(F.StoreError, match="HDF5 stores live on local disks only"):
+        F.store_format("s3://b/root/d/m/train.h5")
+    assert F.store_format("s3://b/root/d/m/train.zarr") == "zarr" and F.store_format("/x/train.h5") == "h5"
+
+
+def test_storage_options(monkeypatch):
+    assert F.storage_options("gs") == {} and F.storage_options("file") == {}
+    monkeypatch.setenv("ALF_S3_RETRIES", "3")
+    for proto in ("s3", "s3a"):
+        o = F.storage_options(proto)
+        assert o["config_kwargs"]["retries"]["max_attempts"] == 3 and o["use_listings_cache"] is False
+        assert o["config_kwargs"]["connect_timeout"] == 5 and o["config_kwargs"]["read_timeout"] == 60
+
+
+def test_zarr_store_is_a_folder_name_locally_and_an_fsspec_store_remotely():
+    assert F.zarr_store(Path("/tmp/a.zarr"), read_only=True) == "/tmp/a.zarr"
+    st = F.zarr_store("s3://bucket/a.zarr", read_only=True)
+    assert type(st).__name__ == "FsspecStore" and st.read_only and st.path == "bucket/a.zarr"
+    assert not F.zarr_store("s3://bucket/a.zarr", read_only=False).read_only
+
+
+def client_error(code: str, message: str, op: str = "PutObject", **extra):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": message, **extra}}, op)
+
+
+def raised_from(outer: BaseException, cause: BaseException) -> BaseException:
+    try:
+        try:
+            raise cause
+        except BaseException as c:
+            raise outer from c
+    except BaseException as e:
+        return e
+
+
+def test_explain_names_each_object_storage_failure(monkeypatch):
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError, PartialCredentialsError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("ALF_S3_RETRIES", "4")
+    assert F.explain(NoCredentialsError()).startswith("object storage: no credentials found (set AWS_ACCESS_KEY_ID")
+    assert "no credentials" in F.explain(PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY"))
+    # s3fs turns the service's answer into a builtin error raised from botocore's
+    nb = raised_from(FileNotFoundError("The specified bucket does not exist"),
+                     client_error("NoSuchBucket", "The specified bucket does not exist", BucketName="lab-x"))
+    assert F.explain(nb, path="s3://lab-x/p") == ("object storage: the bucket 'lab-x' does not exist (create it, or "
+                                                  "check the URL and http://127.0.0.1:9)")
+    assert "bucket 'from-path' does not exist" in F.explain(FileNotFoundError("The specified bucket does not exist"),
+                                                            path="s3://from-path/k")
+    down = F.explain(EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b"))
+    assert down == ("object storage unreachable at http://127.0.0.1:9 (gave up after 4 attempts with back-off); "
+                    "everything written before is kept - rerun the same command to resume")
+    denied = raised_from(PermissionError(13, "Access Denied", "lab/x/zarr.json"), client_error("AccessDenied", "Access Denied"))
+    assert F.explain(denied) == ("object storage: access denied 'lab/x/zarr.json' (the credentials may not read or "
+                                 "write there; check the bucket policy or use a bucket you may write)")
+    assert F.explain(client_error("AccessDenied", "Access Denied")).startswith("object storage: access denied (")
+    assert "were refused" in F.explain(client_error("InvalidAccessKeyId", "no such key"))
+    assert F.explain(ValueError("something else")) is None
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-only:1")
+    assert "unreachable at http://s3-only:1" in F.explain(EndpointConnectionError(endpoint_url="x"))
+
+
+def test_explain_from_an_unknown_place_needs_an_object_storage_library():
+    """`alf`'s last resort sees every uncaught error: a local PermissionError or a missing file is not an object
+    storage problem unless an object-storage client raised it."""
+    local = PermissionError(13, "Permission denied", "/data/x")
+    assert F.explain(local, remote=False) is None
+    assert F.explain(FileNotFoundError("bucket does not exist"), remote=False) is None
+    assert F.explain(local) is not None  # a caller that knows the path is remote
+    via = raised_from(PermissionError(13, "Access Denied"), client_error("AccessDenied", "Access Denied"))
+    assert F.explain(via, remote=False).startswith("object storage: access denied")
+
+
+def test_access_error_raises_only_for_remote_paths():
+    from botocore.exceptions import NoCredentialsError
+
+    F.access_error("/local/store.zarr", NoCredentialsError())  # local: nothing to say, returns
+    F.access_error("s3://b/x.zarr", ValueError("not an access problem"))
+    with pytest.raises(F.StoreError, match=r"no credentials found .*\[s3://b/x.zarr\]$"):
+        F.access_error("s3://b/x.zarr", NoCredentialsError())
+
+
+def test_read_ahead_setting(monkeypatch):
+    monkeypatch.delenv("ALF_READ_AHEAD", raising=False)
+    assert F.read_ahead("/x/train.zarr") == 1 and F.read_ahead("s3://b/train.zarr") == 8
+    monkeypatch.setenv("ALF_READ_AHEAD", "3")
+    assert F.read_ahead("s3://b/train.zarr") == 3 and F.read_ahead(Path("s3://b")) == 1
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 2, 5, 50])
+def test_prefetched_keeps_order_and_bounds_requests_in_flight(ahead):
+    lock, now, most, calls = threading.Lock(), [0], [0], []
+
+    def slow(i):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+            calls.append(i)
+        time.sleep(0.01 * ((i * 7) % 3))  # finish out of order
+        with lock:
+            now[0] -= 1
+        return i * i
+
+    out = []
+    for v in F.prefetched(slow, range(12), ahead):
+        out.append(v)
+    assert out == [i * i for i in range(12)] and sorted(calls) == list(range(12))
+    assert most[0] <= max(1, ahead)
+    if ahead >= 2:
+        assert most[0] >= 2, "several requests were in flight"
+
+
+def test_prefetched_passes_errors_through_in_order():
+    def f(i):
+        if i == 3:
+            raise KeyError("chunk 3")
+        return i
+
+    got = []
+    with pytest.raises(KeyError, match="chunk 3"):
+        for v in F.prefetched(f, range(6), 4):
+            got.append(v)
+    assert got == [0, 1, 2]
+    assert list(F.prefetched(f, [], 4)) == [] and list(F.prefetched(f, [5], 4)) == [5]
