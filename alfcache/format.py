@@ -169,7 +169,7 @@ def _raw_metadata(path: Path) -> dict:
             return json.loads(f.attrs["alfcache"])
     import zarr
 
-    return dict(zarr.open_group(zarr_store(path, read_only=True), mode="r").attrs)
+    return dict(zarr.open_group(zarr_store(path, read_only=True), mode="r", zarr_format=3).attrs)
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -254,7 +254,7 @@ def open_arrays(path: str | Path, meta: dict | None = None) -> StoreArrays:
         else:
             import zarr
 
-            handle = zarr.open_group(zarr_store(path, read_only=True), mode="r")
+            handle = zarr.open_group(zarr_store(path, read_only=True), mode="r", zarr_format=3)
     except Exception as e:
         _raise_access(path, e)
         raise damaged(path, f"it cannot be opened ({type(e).__name__})") from None
@@ -364,11 +364,13 @@ def check_labels(labels: np.ndarray, meta: dict, path: Path | str | None = None)
 
 
 # ------------------------------------------------------------------------------------------ verification
-def verify_store(path: str | Path, progress: bool = False) -> int:
+def verify_store(path: str | Path, progress: bool = False, opened: StoreArrays | None = None) -> int:
     """Re-read every chunk of a complete store (every token array, labels and, from version 2, sample ids) and
-    compare its checksum; also the projection arrays. Names the first bad chunk. Returns the number of chunks."""
+    compare its checksum; also the projection arrays. Names the first bad chunk. Returns the number of chunks.
+    `opened`: this store already open and checked intact (a reader's own handle): its metadata and arrays are
+    used instead of opening and listing the store again (on object storage each is a request)."""
     path = location(path)
-    meta = read_metadata(path)
+    meta = read_metadata(path) if opened is None else opened.meta
     sums = meta.get("chunk_checksums")
     if not meta.get("complete") or sums is None:
         raise StoreError(f"store '{path}' is incomplete (extraction did not finish); rerun the extraction to "
@@ -378,8 +380,11 @@ def verify_store(path: str | Path, progress: bool = False) -> int:
     ranges = list(chunk_ranges(meta))
     if len(ranges) != len(sums):
         raise damaged(path, f"{len(sums)} checksums for {len(ranges)} chunks")
-    with open_arrays(path, meta) as arrays:
-        check_intact(path, meta, arrays.handle)
+    arrays = open_arrays(path, meta) if opened is None else opened
+    try:
+        if opened is None:
+            check_intact(path, meta, arrays.handle)
+
         def load(rng):
             k, a, b = rng
             try:
@@ -408,6 +413,9 @@ def verify_store(path: str | Path, progress: bool = False) -> int:
                     raise damaged(path, f"'{name}' cannot be read ({type(e).__name__})") from None
                 if got != proj["checksums"][name]:
                     raise damaged(path, f"'{name}' fails its checksum")
+    finally:
+        if opened is None:
+            arrays.close()
     return len(sums)
 
 

@@ -50,8 +50,8 @@ def main(repeats: int = 2, width: int = 192, depth: int = 12):
     with S3Server() as s3:
         os.environ.update(s3.env)
         s3.bucket("bench")
-        t = {k: [] for k in ("ext_local", "ext_s3", "probe_local", "probe_s3", "probe_cache", "read_local",
-                             "read_s3")}
+        t = {k: [] for k in ("ext_local", "ext_s3", "probe_local", "probe_s3", "probe_cache", "alf_local",
+                             "alf_s3", "read_local", "read_s3")}
         for r in range(repeats):
             common = ["extract", "--model", f"local-dir:{model}", "--dataset", "digits", "--workers", "0",
                       "--overwrite"]
@@ -60,6 +60,9 @@ def main(repeats: int = 2, width: int = 192, depth: int = 12):
             head = ["probe", "--head", "linear", "--protocol", "quick"]
             t["probe_local"].append(alf(*head, "--store-root", tmp / "features", "--out", tmp / f"rl{r}"))
             t["probe_s3"].append(alf(*head, "--store-root", "s3://bench/features", "--out", tmp / f"rs{r}"))
+            alf_head = ["probe", "--head", "alf", "--protocol", "quick"]
+            t["alf_local"].append(alf(*alf_head, "--store-root", tmp / "features", "--out", tmp / f"al{r}"))
+            t["alf_s3"].append(alf(*alf_head, "--store-root", "s3://bench/features", "--out", tmp / f"as{r}"))
             shutil.rmtree(tmp / "cache", ignore_errors=True)
             t["probe_cache"].append(alf(*head, "--store-root", "s3://bench/features", "--out", tmp / f"rc{r}",
                                         "--cache-dir", tmp / "cache"))
@@ -78,6 +81,9 @@ def main(repeats: int = 2, width: int = 192, depth: int = 12):
         ("alf probe: S3 (s)", f"{best['probe_s3']:.1f}", ""),
         ("probe S3 / disk", ratio("probe_s3", "probe_local"), "<= 1.3"),
         ("probe S3 --cache-dir (first, copies) / disk", ratio("probe_cache", "probe_local"), ""),
+        ("alf probe --head alf: local disk (s)", f"{best['alf_local']:.1f}", ""),
+        ("alf probe --head alf: S3 (s)", f"{best['alf_s3']:.1f}", ""),
+        ("probe --head alf S3 / disk", ratio("alf_s3", "alf_local"), "<= 1.3"),
         ("read every token: disk (s)", f"{best['read_local']:.2f}", ""),
         ("read every token: S3 (s)", f"{best['read_s3']:.2f}", ""),
         ("read S3 / disk", ratio("read_s3", "read_local"), ""),

@@ -140,12 +140,13 @@ def run_heads(pair: StorePair, heads: list[str], protocol: str | dict, out: Path
     train = FeatureSet.open(where["train"], allow_incomplete=allow_incomplete)
     test = FeatureSet.open(where["test"], allow_incomplete=allow_incomplete)
     check_compatible(train, test)
+    opened = {"train": train._handle, "test": test._handle}  # verified below through the same open arrays
     train, test = train.select_tap(tap), test.select_tap(tap)
     heads = supported_heads(train) if heads == ["all"] else heads
     check_heads(heads, has_patches=train.patches is not None)
     if verify and not allow_incomplete:
-        for p in where.values():
-            verify_store(p)
+        for split, p in where.items():
+            verify_store(p, opened=opened[split])
     records = []
     for h in heads:
         name = h if not tap else f"{h}@{tap}"
