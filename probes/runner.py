@@ -73,7 +73,11 @@ def _explain_missing(key: tuple, splits: dict, groups: Groups, damaged: dict[Pat
             op, om = other[want]
             what = []
             if dataset_key(meta) != dataset_key(om):
-                what.append(f"dataset source ({_label(meta)} vs {_label(om)})")
+                if _label(meta) != _label(om):
+                    what.append(f"dataset source ({_label(meta)} vs {_label(om)})")
+                else:  # one source, another list of images (another version, or files changed)
+                    fp = lambda m: str(m["dataset"].get("index_fingerprint"))[:19]  # noqa: E731
+                    what.append(f"dataset index (the images of {_label(meta)}: {fp(meta)}... vs {fp(om)}...)")
             if model_key(meta) != model_key(om):
                 what.append(f"model or weights fingerprint ({meta['model']['fingerprint'][:19]}... vs "
                             f"{om['model']['fingerprint'][:19]}...)")

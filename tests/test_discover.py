@@ -1,0 +1,202 @@
+"""How the probe stage pairs stores (`probes.runner.discover`), in process: by the identity the metadata records
+(the dataset's resolved source and index fingerprint, the model's origin and weights fingerprint), never by
+folder or file names; and each way a pair can be missing, named in one line word for word. The stores are real
+extractions (digits through the tiny model) copied and given other identities by editing their metadata."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import zarr
+
+from alfcache.format import StoreError
+from probes.errors import ProbeError
+from probes.runner import StorePair, discover
+
+MODEL_FP = "sha256:" + "a" * 64
+OTHER_FP = "sha256:" + "b" * 64
+
+
+def put(digits_stores, root, rel: str, split: str, *, complete=True, **changes) -> "Path":  # noqa: F821
+    """Copy the digits store of `split` to root/rel and set metadata entries: changes={'dataset.source': ...}."""
+    dst = root / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(digits_stores[split], dst)
+    g = zarr.open_group(str(dst), mode="r+")
+    attrs = dict(g.attrs)
+    attrs["model"] = {**attrs["model"], "fingerprint": MODEL_FP}
+    for key, value in changes.items():
+        outer, inner = key.split(".")
+        attrs[outer] = {**attrs[outer], inner: value}
+    attrs["complete"] = complete
+    g.attrs.put(attrs)
+    return dst
+
+
+def meta_of(digits_stores) -> dict:
+    from alfcache.format import read_metadata
+
+    return read_metadata(digits_stores["train"])
+
+
+def test_pairs_by_metadata_not_by_folder_or_file_names(digits_stores, tmp_path):
+    """The split and the identity come from the metadata: stores under unrelated names still pair."""
+    tr = put(digits_stores, tmp_path, "a/anything.zarr", "train")
+    te = put(digits_stores, tmp_path, "b/c/whatever.zarr", "test")
+    (pair,) = discover(tmp_path)
+    assert pair == StorePair("digits", "local-tiny", tr, te, "digits")
+    assert pair.folder == "digits"
+    # by name: what the metadata records, not the folder the user typed
+    assert discover(tmp_path, dataset="digits", model="local-tiny") == [pair]
+
+
+def test_same_names_other_identity_are_separate_groups(digits_stores, tmp_path):
+    """Two pairs recording the same names, one of them from another source and weights: two pairs, each store
+    with its own partner (never a train store of one with the test store of the other)."""
+    a = [put(digits_stores, tmp_path, f"one/{s}.zarr", s) for s in ("train", "test")]
+    b = [put(digits_stores, tmp_path, f"two/{s}.zarr", s, **{"dataset.source": "hf:other/digits",
+                                                            "model.fingerprint": OTHER_FP}) for s in ("train", "test")]
+    pairs = discover(tmp_path)
+    assert sorted((p.train, p.test) for p in pairs) == sorted([tuple(a), tuple(b)])
+
+
+@pytest.mark.parametrize("differ", ["dataset", "model", "both", "index"])
+def test_a_split_of_another_identity_is_named_with_both_sides(digits_stores, tmp_path, differ):
+    """The same names but another dataset source (or index fingerprint), or other weights: not a pair, and the
+    message says which identity differs, naming both stores and both sources / fingerprints."""
+    tr = put(digits_stores, tmp_path, "x/train.zarr", "train")
+    change = {"dataset": {"dataset.source": "hf:other/digits"}, "model": {"model.fingerprint": OTHER_FP},
+              "both": {"dataset.source": "hf:other/digits", "model.fingerprint": OTHER_FP},
+              "index": {"dataset.index_fingerprint": "sha256:" + "c" * 64}}[differ]
+    te = put(digits_stores, tmp_path, "y/test.zarr", "test", **change)
+    with pytest.raises(ProbeError) as e:
+        discover(tmp_path)
+    msg = str(e.value)
+    ds = "dataset source ('digits' (source sklearn:load_digits) vs 'digits' (source hf:other/digits))"
+    index = (f"dataset index (the images of 'digits' (source sklearn:load_digits): "
+             f"{meta_of(digits_stores)['dataset']['index_fingerprint'][:19]}... vs sha256:{'c' * 12}...)")
+    fp = f"model or weights fingerprint ({MODEL_FP[:19]}... vs {OTHER_FP[:19]}...)"
+    what = {"dataset": ds, "model": fp, "both": f"{ds} and {fp}", "index": index}[differ]
+    # the group met first (sorted by names, then in insertion order) is the train store's
+    assert msg == (f"the train store '{tr}' and the test store '{te}' have the same names but differ in {what}; "
+                   f"they are not a pair - extract both splits from the same dataset with the same model")
+
+
+def test_dataset_label_without_source(digits_stores, tmp_path):
+    """A store without a recorded source (version 1) is named by its dataset name alone."""
+    tr = put(digits_stores, tmp_path, "x/train.zarr", "train", **{"dataset.source": None})
+    te = put(digits_stores, tmp_path, "y/test.zarr", "test", **{"model.fingerprint": OTHER_FP,
+                                                              "dataset.source": None})
+    with pytest.raises(ProbeError) as e:
+        discover(tmp_path)
+    assert str(e.value) == (f"the train store '{tr}' and the test store '{te}' have the same names but differ in "
+                            f"model or weights fingerprint ({MODEL_FP[:19]}... vs {OTHER_FP[:19]}...); they are "
+                            f"not a pair - extract both splits from the same dataset with the same model")
+
+
+def test_a_missing_split_is_named(digits_stores, tmp_path):
+    put(digits_stores, tmp_path, "digits/m/train.zarr", "train")
+    with pytest.raises(ProbeError) as e:
+        discover(tmp_path)
+    assert str(e.value) == ("dataset 'digits' x model 'local-tiny' needs both train and test stores; found ['train'] "
+                            "(run `alf extract` for the missing split)")
+    # a group of the other split, same names, same identity as nothing: a test store alone says so too
+    shutil.rmtree(tmp_path / "digits")
+    put(digits_stores, tmp_path, "digits/m/test.zarr", "test")
+    with pytest.raises(ProbeError, match=r"found \['test'\]"):
+        discover(tmp_path)
+
+
+def test_a_split_of_other_names_is_not_offered_as_the_partner(digits_stores, tmp_path):
+    """Another identity under other names is not a candidate partner: the message is the missing split."""
+    put(digits_stores, tmp_path, "a/train.zarr", "train")
+    put(digits_stores, tmp_path, "b/test.zarr", "test", **{"dataset.name": "other", "dataset.source": "hf:o/x"})
+    with pytest.raises(ProbeError, match=r"^dataset 'digits' x model 'local-tiny' needs both .*found \['train'\]"):
+        discover(tmp_path, dataset="digits")
+
+
+def test_a_damaged_store_where_the_partner_should_be_is_named(digits_stores, tmp_path):
+    """A test store whose metadata cannot be read, beside a train store: the damage is the error (not 'missing')."""
+    put(digits_stores, tmp_path, "digits/m/train.zarr", "train")
+    bad = put(digits_stores, tmp_path, "digits/m/test.zarr", "test")
+    (bad / "zarr.json").write_text("{not json")
+    with pytest.raises(StoreError) as e:
+        discover(tmp_path)
+    assert str(e.value).startswith(f"store '{bad}' is damaged: its metadata cannot be read")
+    # a damaged store elsewhere (another folder, or named otherwise) is not taken for the partner
+    shutil.move(bad, tmp_path / "digits" / "elsewhere.zarr")
+    with pytest.raises(ProbeError, match="needs both train and test stores"):
+        discover(tmp_path)
+
+
+def test_damaged_stores_alone(digits_stores, tmp_path):
+    """Only damaged stores: the damage is named; asked for a dataset, too (not 'unknown dataset')."""
+    bad = put(digits_stores, tmp_path, "digits/m/test.zarr", "test")
+    (bad / "zarr.json").write_text("{not json")
+    for kw in ({}, {"dataset": "digits"}):
+        with pytest.raises(StoreError, match=rf"^store '{bad}' is damaged"):
+            discover(tmp_path, **kw)
+
+
+def test_no_root_and_empty_root(tmp_path):
+    with pytest.raises(ProbeError) as e:
+        discover(tmp_path / "nope")
+    assert str(e.value) == (f"store root '{tmp_path / 'nope'}' does not exist; run `alf extract` first or pass "
+                            f"--store-root")
+    with pytest.raises(ProbeError) as e:
+        discover(tmp_path)
+    assert str(e.value) == f"no alfcache stores under '{tmp_path}'; run `alf extract` first"
+
+
+def test_filters_by_recorded_name_and_folder_slug(digits_stores, tmp_path):
+    """`dataset` matches the recorded name or the dataset's folder slug; `model` the recorded model name;
+    unknown ones are named with the known choices; known names without a pair of both say so."""
+    for s in ("train", "test"):
+        put(digits_stores, tmp_path, f"d1/{s}.zarr", s, **{"dataset.slug": "digits-v2"})
+        put(digits_stores, tmp_path, f"d2/{s}.zarr", s, **{"dataset.name": "other", "dataset.slug": "other",
+                                                           "dataset.source": "hf:o/x", "model.name": "m2"})
+    assert [p.dataset for p in discover(tmp_path)] == ["digits", "other"]  # sorted by names
+    (p,) = discover(tmp_path, dataset="digits-v2")
+    assert (p.dataset, p.slug, p.folder) == ("digits", "digits-v2", "digits-v2")
+    assert discover(tmp_path, dataset="digits") == [p]
+    assert [q.model for q in discover(tmp_path, model="m2")] == ["m2"]
+    with pytest.raises(ProbeError) as e:
+        discover(tmp_path, dataset="digit")
+    assert str(e.value) == ("unknown dataset (in the stores) 'digit'; did you mean 'digits', 'digits-v2'? "
+                            "(known: digits, digits-v2, other)")
+    with pytest.raises(ProbeError) as e:
+        discover(tmp_path, model="m3")
+    assert str(e.value) == "unknown model (in the stores) 'm3'; did you mean 'm2'? (known: local-tiny, m2)"
+    with pytest.raises(ProbeError) as e:
+        discover(tmp_path, dataset="digits", model="m2")
+    assert str(e.value) == f"no stores for dataset=digits model=m2 under '{tmp_path}'"
+
+
+def test_skip_unusable_leaves_out_incomplete_and_lone_stores(digits_stores, tmp_path):
+    """Reports (`skip_unusable`): a group lacking a split, or holding an incomplete store, is left out without
+    an error; without it an incomplete store still pairs (the probe refuses it later, by name)."""
+    put(digits_stores, tmp_path, "a/train.zarr", "train")
+    put(digits_stores, tmp_path, "a/test.zarr", "test")
+    put(digits_stores, tmp_path, "b/train.zarr", "train", **{"dataset.name": "lone", "dataset.source": "hf:l/x"})
+    put(digits_stores, tmp_path, "c/train.zarr", "train", **{"dataset.name": "half", "dataset.source": "hf:h/x"})
+    put(digits_stores, tmp_path, "c/test.zarr", "test", complete=False, **{"dataset.name": "half",
+                                                                           "dataset.source": "hf:h/x"})
+    assert [p.dataset for p in discover(tmp_path, skip_unusable=True)] == ["digits"]
+    bad = put(digits_stores, tmp_path, "d/test.zarr", "test", **{"dataset.name": "bad"})
+    (bad / "zarr.json").write_text("{not json")
+    assert [p.dataset for p in discover(tmp_path, skip_unusable=True)] == ["digits"]  # damage skipped too
+    shutil.rmtree(tmp_path / "b")
+    shutil.rmtree(bad)
+    assert [p.dataset for p in discover(tmp_path)] == ["digits", "half"]
+    with pytest.raises(ProbeError, match=r"no stores for dataset=lone"):
+        put(digits_stores, tmp_path, "b/train.zarr", "train", **{"dataset.name": "lone", "dataset.source": "hf:l/x"})
+        discover(tmp_path, dataset="lone", skip_unusable=True)
+
+
+def test_first_store_of_a_split_wins_in_path_order(digits_stores, tmp_path):
+    """Two copies of one split with one identity: the first in path order is the one paired (stable)."""
+    put(digits_stores, tmp_path, "b/train.zarr", "train")
+    first = put(digits_stores, tmp_path, "a/train.zarr", "train")
+    te = put(digits_stores, tmp_path, "c/test.zarr", "test")
+    (p,) = discover(tmp_path)
+    assert (p.train, p.test) == (first, te)
