@@ -1,0 +1,412 @@
+"""The store contract's small rules (alfcache/format.py) one by one, each against an independent statement of
+what it must do: where stores go and what is one, atomic whole-file writes, the metadata lookups pairing relies
+on, the chunk grid and checksums (recomputed here from their written definition), reading ahead in order, and
+each refusal of read_metadata / verify_store word for word. Fast: no model, small stores written here."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alfcache import format as F
+from alfcache.format import StoreError
+
+
+# ------------------------------------------------------------------------------------------ places
+@pytest.mark.parametrize("name, want", [("clip-l", "clip-l"), ("a/b", "a-b"), ("../..", "unnamed"),
+                                        ("..hidden", "hidden"), ("-x-", "x"), ("v1.2_a", "v1.2_a"),
+                                        ("a b:c", "a-b-c"), ("", "unnamed"), ("é", "é")])
+def test_safe_component(name, want):
+    assert F.safe_component(name) == want
+
+
+def test_store_path_and_format(tmp_path):
+    assert F.store_path(tmp_path, "fer/2013", "..", "train") == tmp_path / "fer-2013" / "unnamed" / "train.zarr"
+    assert F.store_path(tmp_path, "d", "m", "test", "h5") == tmp_path / "d" / "m" / "test.h5"
+    with pytest.raises(StoreError) as e:
+        F.store_path(tmp_path, "d", "m", "test", "npz")
+    assert str(e.value) == "unknown store format 'npz' (known: zarr, h5)"
+    with pytest.raises(StoreError) as e:
+        F.store_path("s3://bkt/f", "d", "m", "test", "h5")
+    assert str(e.value) == "HDF5 stores live on local disks only; use the zarr format for 's3://bkt/f'"
+    assert str(F.store_path("s3://bkt/f", "d", "m", "test")) == "s3://bkt/f/d/m/test.zarr"
+    assert F.store_format(tmp_path / "a.zarr") == "zarr" and F.store_format(str(tmp_path / "a.h5")) == "h5"
+    with pytest.raises(StoreError) as e:
+        F.store_format(tmp_path / "a.npz")
+    assert str(e.value) == f"'{tmp_path / 'a.npz'}' is not a store path (expected a .zarr folder or an .h5 file)"
+    with pytest.raises(StoreError) as e:
+        F.store_format("s3://bkt/a.h5")
+    assert str(e.value) == "'s3://bkt/a.h5': HDF5 stores live on local disks only; object storage holds zarr stores"
+    assert F.staging_path(tmp_path / "x" / "train.h5") == tmp_path / "x" / "train.h5.partial"
+
+
+def test_default_root(monkeypatch, tmp_path):
+    monkeypatch.delenv(F.ENV_ROOT, raising=False)
+    assert F.default_root() == Path("features")
+    monkeypatch.setenv(F.ENV_ROOT, str(tmp_path))
+    assert F.default_root() == tmp_path
+
+
+def test_find_stores(tmp_path):
+    """.zarr folders and .h5 files at any depth, sorted; a .zarr file or an .h5 folder is not a store."""
+    for d in ("b/m/train.zarr", "a/m/test.zarr", "c/x.h5", "deep/er/still/s.zarr"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "c" / "x.h5").rmdir()
+    (tmp_path / "c" / "x.h5").write_bytes(b"")
+    (tmp_path / "c" / "file.zarr").write_text("not a folder")
+    (tmp_path / "c" / "dir.h5").mkdir()
+    want = sorted([tmp_path / "a/m/test.zarr", tmp_path / "b/m/train.zarr", tmp_path / "c/x.h5",
+                   tmp_path / "deep/er/still/s.zarr"])
+    assert F.find_stores(tmp_path) == want
+    assert F.find_stores(str(tmp_path)) == want
+    assert F.find_stores(tmp_path / "missing") == []
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+def test_write_atomic_text_and_bytes(tmp_path):
+    p = tmp_path / "m.json"
+    F.write_atomic(p, "héllo")
+    assert p.read_bytes() == "héllo".encode()
+    F.write_atomic(p, b"\x00\x01")
+    assert p.read_bytes() == b"\x00\x01"
+    assert os.listdir(tmp_path) == ["m.json"]  # no temporary file left
+
+
+def test_write_atomic_goes_through_a_synced_temporary_file(tmp_path, monkeypatch):
+    """The new bytes are written and fsynced in a temporary file beside the target, then renamed over it: at
+    every moment the target holds the old content or the new, never a part."""
+    p = tmp_path / "m.json"
+    p.write_text("old")
+    seen = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        seen.append(("fsync", p.read_text()))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        seen.append(("replace", Path(src).parent == p.parent, Path(src).read_text(), p.read_text()))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    F.write_atomic(p, "new")
+    assert seen == [("fsync", "old"), ("replace", True, "new", "old")]
+    assert p.read_text() == "new"
+
+
+def test_write_atomic_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    p = tmp_path / "m.json"
+    p.write_text("old")
+
+    def boom(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        F.write_atomic(p, "new")
+    assert p.read_text() == "old"
+    assert os.listdir(tmp_path) == ["m.json"]  # the temporary file is removed
+    monkeypatch.undo()
+    with pytest.raises(TypeError):  # not str or bytes: fails before the rename
+        F.write_atomic(p, 3.5)
+    assert p.read_text() == "old" and os.listdir(tmp_path) == ["m.json"]
+
+
+# ------------------------------------------------------------------------------------------ metadata lookups
+def test_get_and_differing():
+    a = {"model": {"fingerprint": "x", "arch": {"d": 1, "w": 2}}, "dtype": "float16", "n": None}
+    b = {"model": {"fingerprint": "y", "arch": {"w": 2, "d": 1}}, "dtype": "float16"}
+    assert F.get(a, "model.fingerprint") == "x"
+    assert F.get(a, "model.arch") == {"d": 1, "w": 2}
+    assert F.get(a, "model.missing") is None and F.get(a, "nope.x") is None
+    assert F.get(a, "dtype.x") is None  # through a non-dict
+    assert F.differing(a, b, ["dtype", "model.arch", "model.fingerprint", "n", "absent"]) == ["model.fingerprint"]
+    assert F.differing(a, b, ["model.fingerprint", "dtype", "model"]) == ["model.fingerprint", "model"]
+    assert F.differing({"k": 1}, {"k": 1.0}, ["k"]) == ["k"]  # 1 and 1.0 are written differently
+    assert F.differing({"k": [1, 2]}, {"k": [2, 1]}, ["k"]) == ["k"]
+
+
+def test_identity_keys():
+    m = {"dataset": {"name": "d", "source": "hf:x", "index_fingerprint": "i"}, "model": {"source_id": "s",
+                                                                                        "fingerprint": "f"}}
+    assert F.dataset_key(m) == ("source", "hf:x", "i")
+    assert F.dataset_key({"dataset": {"name": "d"}}) == ("name", "d")
+    assert F.dataset_key({}) == ("name", None)
+    assert F.model_key(m) == ("s", "f") and F.model_key({}) == (None, None)
+
+
+# ------------------------------------------------------------------------------------------ chunks, checksums
+@pytest.mark.parametrize("n, rows, want", [(10, 4, [(0, 0, 4), (1, 4, 8), (2, 8, 10)]), (8, 4, [(0, 0, 4), (1, 4, 8)]),
+                                           (1, 4, [(0, 0, 1)]), (0, 4, []), (5, 5, [(0, 0, 5)])])
+def test_chunk_ranges(n, rows, want):
+    assert list(F.chunk_ranges({"num_samples": n, "chunk_rows": rows})) == want
+    assert list(F.chunk_ranges({"num_samples": str(n), "chunk_rows": str(rows)})) == want
+
+
+def reference_checksum(arrays, labels, ids, version):
+    """The docstring's definition, written out independently."""
+    data = b""
+    for name in sorted(arrays):
+        data += name.encode() + np.ascontiguousarray(arrays[name]).tobytes()
+    data += np.asarray(labels).astype(np.int64).tobytes()
+    if version >= 2:
+        data += b"".join(s.encode() + b"\0" for s in ids)
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def test_chunk_checksum_definition():
+    rng = np.random.default_rng(0)
+    arrays = {"cls": rng.normal(size=(3, 2, 4)).astype(np.float16), "ap": rng.normal(size=(3, 2, 4)).astype(np.float16)}
+    labels, ids = np.array([0, 2, 1], dtype=np.int32), ["a", "b", "c"]
+    for v in (1, 2):
+        assert F.chunk_checksum(arrays, labels, ids, v) == reference_checksum(arrays, labels, ids, v)
+    base = F.chunk_checksum(arrays, labels, ids)
+    assert base == F.chunk_checksum(dict(reversed(arrays.items())), labels.astype(np.int64), ids)  # order, dtype
+    assert F.chunk_checksum(arrays, labels, ids, 1) == F.chunk_checksum(arrays, labels, ["x"], 1)  # v1: no ids
+    assert F.chunk_checksum(arrays, labels, None, 2) == F.chunk_checksum(arrays, labels, [], 2)
+    changed = [F.chunk_checksum({"cls": arrays["cls"], "ap2": arrays["ap"]}, labels, ids),
+               F.chunk_checksum({**arrays, "cls": arrays["cls"][:, ::-1]}, labels, ids),  # non-contiguous view
+               F.chunk_checksum(arrays, labels[::-1], ids),
+               F.chunk_checksum(arrays, labels, ["a", "b", "d"]),
+               F.chunk_checksum(arrays, labels, ["ab", "", "c"]),  # the separator counts
+               F.chunk_checksum(arrays, labels, ids, 1)]
+    assert base not in changed and len(set(changed)) == len(changed)
+    assert len(base) == 32
+
+
+def test_array_checksum_definition():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    want = hashlib.sha256(b"float32|(2, 3)|" + a.tobytes()).hexdigest()[:32]
+    assert F.array_checksum(a) == want == F.array_checksum(np.asfortranarray(a))
+    assert len({F.array_checksum(a), F.array_checksum(a.reshape(3, 2)), F.array_checksum(a.astype(np.int32)),
+                F.array_checksum(a.T)}) == 4
+
+
+def test_spans_and_rows():
+    assert F._spans([8, 0, 4, 4], 4, 10) == [(0, 10)]
+    assert F._spans([0, 8], 4, 10) == [(0, 4), (8, 10)]
+    assert F._spans([0, 2], 4, 10) == [(0, 6)]  # overlapping pieces merge
+    assert F._spans([], 4, 10) == []
+    assert F._spans([4], 4, 6) == [(4, 6)]
+    assert F._rows([(0, 4), (5, 6)]) == "0-3, 5"
+    assert F._rows([(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]) == "0, 2, 4 and 2 more ranges"
+    assert F._rows([(0, 2), (3, 4), (5, 7)]) == "0-1, 3, 5-6"
+    assert F._count(1, "row") == "1 row" and F._count(0, "row") == "0 rows" and F._count(2, "row") == "2 rows"
+
+
+def test_required_and_token_arrays():
+    meta = {"arrays": {"cls": {}, "ap": {}, "modules/ffn/cls": {}}}
+    assert F.token_arrays(meta) == ["ap", "cls", "modules/ffn/cls"]
+    assert F.required_arrays(meta) == ["labels", "sample_ids", "ap", "cls", "modules/ffn/cls"]
+    assert F.required_arrays({**meta, "projection": {"checksums": {}}})[-2:] == list(F.PROJECTION)
+    assert F.required_arrays({**meta, "projection": None}) == F.required_arrays(meta)
+
+
+def test_damaged_messages():
+    assert str(F.damaged("/x/train.zarr", "why")) == "store '/x/train.zarr' is damaged: why; re-extract it with --overwrite"
+    assert str(F.damaged(None, "why")) == "features are damaged: why"
+
+
+# ------------------------------------------------------------------------------------------ read-ahead
+@pytest.mark.parametrize("ahead", [0, 1, 2, 3, 8])
+def test_prefetched_keeps_order_and_bound(ahead):
+    """Results in item order, each item computed once, never more than `ahead` calls at a time (one at a time
+    for ahead <= 1), and several at a time when allowed."""
+    lock, running, peak, calls = threading.Lock(), [0], [0], []
+
+    def fn(i):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            calls.append(i)
+        time.sleep(0.15)  # long enough for every allowed call to be in flight together
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    items = list(range(9))
+    assert list(F.prefetched(fn, iter(items), ahead)) == [i * i for i in items]
+    assert sorted(calls) == items
+    assert peak[0] == (1 if ahead <= 1 else ahead)
+
+
+def test_prefetched_stays_ahead_of_the_consumer_only_by_ahead():
+    started = []
+    gen = F.prefetched(lambda i: started.append(i) or i, range(10), 3)
+    assert next(gen) == 0
+    time.sleep(0.05)
+    assert sorted(started) == [0, 1, 2, 3]  # three in flight beyond the one consumed
+    assert list(gen) == list(range(1, 10))
+    assert list(F.prefetched(lambda i: i, [], 4)) == [] and list(F.prefetched(lambda i: i, [7], 4)) == [7]
+
+
+def test_prefetched_raises_the_items_error_in_order():
+    def fn(i):
+        if i == 3:
+            raise ValueError("item 3")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="item 3"):
+        for x in F.prefetched(fn, range(6), 4):
+            got.append(x)
+    assert got == [0, 1, 2]
+
+
+def test_read_ahead(monkeypatch, tmp_path):
+    monkeypatch.delenv("ALF_READ_AHEAD", raising=False)
+    assert F.read_ahead("s3://b/x.zarr") == 8 and F.read_ahead(tmp_path) == 1
+    monkeypatch.setenv("ALF_READ_AHEAD", "3")
+    assert F.read_ahead("s3://b/x.zarr") == 3 and F.read_ahead(str(tmp_path)) == 1
+
+
+# ------------------------------------------------------------------------------------------ stores on disk
+@pytest.fixture(scope="module")
+def chunked_store(tiny_model, tmp_path_factory) -> Path:
+    """digits' test split (450 rows) through the tiny model, in chunks of 128 rows (4 chunks, the last of 66)."""
+    from alfcache.extract import ExtractConfig, extract
+
+    out = tmp_path_factory.mktemp("contract")
+    res = extract(ExtractConfig(model=f"local-dir:{tiny_model}", dataset="digits", out=out, workers=0,
+                                batch_size=64, chunk_rows=128, splits=["test"], progress=False))
+    return res[0].path
+
+
+@pytest.fixture
+def store(chunked_store, tmp_path) -> Path:
+    dst = tmp_path / "s" / "test.zarr"
+    shutil.copytree(chunked_store, dst)
+    return dst
+
+
+def set_meta(path: Path, **changes) -> None:
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r+")
+    attrs = dict(g.attrs)
+    attrs.update(changes)
+    g.attrs.put(attrs)
+
+
+def test_read_metadata_refusals(store, tmp_path):
+    assert F.read_metadata(store)["num_samples"] == 450
+    assert F.read_metadata(str(store)) == F.read_metadata(store)
+    cases = []
+    with pytest.raises(StoreError) as e:
+        F.read_metadata(tmp_path / "none.zarr")
+    cases.append((str(e.value), f"no store at '{tmp_path / 'none.zarr'}'"))
+    set_meta(store, format_version=9)
+    with pytest.raises(StoreError) as e:
+        F.read_metadata(store)
+    cases.append((str(e.value), f"store '{store}' has format version 9; this alfcache reads versions 1, 2 - "
+                                f"re-extract it, or use the alfcache release that wrote it"))
+    set_meta(store, format_version=2, format="other")
+    with pytest.raises(StoreError) as e:
+        F.read_metadata(store)
+    cases.append((str(e.value), f"store '{store}' is damaged or not an alfcache store (no 'alfcache-store' "
+                                f"metadata); re-extract it with --overwrite"))
+    (store / "zarr.json").write_text("{")
+    with pytest.raises(StoreError) as e:
+        F.read_metadata(store)
+    cases.append((str(e.value), f"store '{store}' is damaged: its metadata cannot be read (JSONDecodeError); "
+                                f"re-extract it with --overwrite"))
+    h5 = tmp_path / "bad.h5"
+    h5.write_bytes(b"not hdf5")
+    with pytest.raises(StoreError) as e:
+        F.read_metadata(h5)
+    cases.append((str(e.value), f"store '{h5}' is damaged: its metadata cannot be read (OSError); "
+                                f"re-extract it with --overwrite"))
+    for got, want in cases:
+        assert got == want
+
+
+def test_verify_store_counts_and_names_the_bad_chunk(store):
+    """Every chunk is re-read and compared: the count returned, and a changed value in chunk 2 (rows 256-383)
+    named, whichever array holds it; labels and sample ids are covered too (version 2)."""
+    import zarr
+
+    assert F.verify_store(store) == 4
+    g = zarr.open_group(str(store), mode="r+")
+    for name, row, value in (("ap", 300, None), ("labels", 383, None), ("sample_ids", 256, "other.png"),
+                             ("cls", 449, None)):
+        old = g[name][row]
+        g[name][row] = value if value is not None else (old + 1 if name == "labels" else old * 1.5 + 0.25)
+        k, a, b = (3, 384, 449) if row >= 384 else (2, 256, 383)
+        with pytest.raises(StoreError) as e:
+            F.verify_store(store)
+        assert str(e.value) == (f"store '{store}' is damaged: chunk {k} (rows {a}-{b}) fails its checksum (the data "
+                                f"was changed or corrupted on disk); re-extract it with --overwrite")
+        g[name][row] = old
+    assert F.verify_store(store) == 4
+
+
+def test_verify_store_refusals(store):
+    meta = F.read_metadata(store)
+    set_meta(store, complete=False)
+    with pytest.raises(StoreError) as e:
+        F.verify_store(store)
+    assert str(e.value) == (f"store '{store}' is incomplete (extraction did not finish); rerun the extraction to "
+                            f"resume it, or pass --allow-incomplete")
+    set_meta(store, complete=True, chunk_checksums=None)
+    with pytest.raises(StoreError, match="is incomplete"):
+        F.verify_store(store)
+    set_meta(store, chunk_checksums=meta["chunk_checksums"][:3])
+    with pytest.raises(StoreError) as e:
+        F.verify_store(store)
+    assert str(e.value) == f"store '{store}' is damaged: 3 checksums for 4 chunks; re-extract it with --overwrite"
+    set_meta(store, chunk_checksums=meta["chunk_checksums"])
+    chunk = next(p for p in (store / "cls").rglob("*") if p.is_file() and p.name != "zarr.json"
+                 and p.relative_to(store / "cls").parts[:2] == ("c", "1"))
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    with pytest.raises(StoreError) as e:
+        F.verify_store(store)
+    assert str(e.value).startswith(f"store '{store}' is damaged: chunk 1 (rows 128-255) cannot be read (")
+    assert str(e.value).endswith("); it is corrupted; re-extract it with --overwrite")
+    chunk.unlink()
+    with pytest.raises(StoreError) as e:  # a chunk missing on disk is found before anything is compared
+        F.verify_store(store)
+    assert str(e.value) == (f"store '{store}' is damaged: 'cls' has no data on disk for rows 128-255 (chunk files "
+                            f"missing on disk; they would read as fill values); re-extract it with --overwrite")
+
+
+def test_verify_store_through_an_open_reader(store):
+    """`opened`: the reader's own arrays and metadata are verified (no second opening), the same refusals."""
+    import zarr
+
+    with F.open_arrays(store) as arrays:
+        assert F.verify_store(store, opened=arrays) == 4
+        g = zarr.open_group(str(store), mode="r+")
+        g["cls"][3] = g["cls"][3] * 2 + 1
+        with pytest.raises(StoreError, match=r"chunk 0 \(rows 0-127\) fails its checksum"):
+            F.verify_store(store, opened=arrays)
+        assert arrays["labels"][0] is not None  # the reader's arrays stay open
+    set_meta(store, complete=False)
+    with F.open_arrays(store) as arrays, pytest.raises(StoreError, match="is incomplete"):
+        F.verify_store(store, opened=arrays)
+
+
+def test_version_1_checksums_do_not_cover_sample_ids(store):
+    """A version-1 store's checksums were made without sample ids: it verifies with its ids changed."""
+    import zarr
+
+    meta = F.read_metadata(store)
+    with F.open_arrays(store) as arrays:
+        sums = []
+        for k, a, b in F.chunk_ranges(meta):
+            block = {n: np.asarray(arrays[n][a:b]) for n in F.token_arrays(meta)}
+            sums.append(F.chunk_checksum(block, np.asarray(arrays["labels"][a:b]), None, 1))
+    set_meta(store, format_version=1, chunk_checksums=sums)
+    g = zarr.open_group(str(store), mode="r+")
+    g["sample_ids"][5] = "renamed.png"
+    assert F.verify_store(store) == 4
+    set_meta(store, format_version=2)
+    with pytest.raises(StoreError, match="chunk 0 .*fails its checksum"):
+        F.verify_store(store)
