@@ -251,6 +251,57 @@ def test_token_stats_equal_layernorm_statistics_even_where_the_mean_dominates():
     assert abs(float(pool_module.token_stats(x, 1e-5)[1][2, 0]) - 1e-5 ** -0.5) < 1e-2
 
 
+def test_token_stats_fall_back_where_one_pass_loses_digits_but_not_all():
+    """Mean 10, spread 0.01 (float32): the one-pass variance keeps only about one digit (9% off in 1 / std) without
+    collapsing to zero, so only the fallback rule itself (var < 1e-3 * E[x^2]) decides - a float64 reference."""
+    g = torch.Generator().manual_seed(1)
+    x = 10 + 0.01 * torch.randn(6, 64, generator=g)
+    mu, r = pool_module.token_stats(x, 1e-5)
+    var, mean = torch.var_mean(x.double(), dim=-1, unbiased=False)
+    torch.testing.assert_close(r.double(), 1 / torch.sqrt(var + 1e-5), rtol=1e-4, atol=0)
+
+
+def _reference_pool(x, eps, q, Wk, gk, Wv, gv, bv):
+    """The attention pool written the plain way (LayerNorm, key and value maps, softmax over tokens, weighted
+    sum), per configuration g and head h: v (B, g H, e), a (B, T, g H)."""
+    B, T, D = x.shape
+    G, H, e = q.shape
+    xhat = torch.nn.functional.layer_norm(x, (D,), eps=eps)
+    vs, As = [], []
+    for c in range(G):
+        k = ((xhat * gk[c]) @ Wk[c]).view(B, T, H, e)
+        val = ((xhat * gv[c] + bv[c]) @ Wv[c]).view(B, T, H, e)
+        a = torch.softmax(torch.einsum("bthe,he->bth", k, q[c]) / e ** 0.5, dim=1)
+        vs.append(torch.einsum("bth,bthe->bhe", a, val))
+        As.append(a)
+    return torch.cat(vs, 1), torch.cat(As, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attention_pool_equals_the_plain_computation_in_its_dtype(dtype):
+    """Values, attention weights and every parameter's gradient equal the plain computation's, and come out in
+    the tokens' dtype (float64 tokens give float64 values, to float64 precision)."""
+    g = torch.Generator().manual_seed(3)
+    B, T, D, G, H, e = 5, 7, 12, 2, 3, 4
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = rnd(B, T, D) * 2 + 0.5
+    params = [rnd(G, H, e), rnd(G, D, H * e) / 3, 1 + rnd(G, D) / 5, rnd(G, D, H * e) / 3, 1 + rnd(G, D) / 5,
+              rnd(G, D) / 5]
+    mine = [p.detach().clone().to(dtype).requires_grad_() for p in params]
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    v, a = pool_module.attention_pool(x.to(dtype), 1e-5, *mine)
+    rv, ra = _reference_pool(x, 1e-5, *ref)
+    assert v.dtype == dtype and a.dtype == dtype
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(v.double(), rv, **tol)
+    torch.testing.assert_close(a.double(), ra, **tol)
+    w = rnd(*v.shape)
+    (v * w.to(dtype)).sum().backward()
+    (rv * w).sum().backward()
+    for m, r_ in zip(mine, ref):
+        torch.testing.assert_close(m.grad.double(), r_.grad, **tol)
+
+
 def test_samples_per_chunk_rule(monkeypatch):
     """A CPU cache's worth of samples (CHUNK_BYTES of tokens, at least one sample); the whole batch on another
     device or for a grid group with more than 2 T query heads."""
