@@ -264,6 +264,8 @@ def open_arrays(path: str | Path, meta: dict | None = None) -> StoreArrays:
 def mirror_store(path, cache_dir, meta: dict | None = None) -> Path:
     """A complete store on object storage copied once into `cache_dir` (reused while unchanged); local stores are
     returned as they are. The read-through cache of `alf probe --cache-dir`."""
+    if cache_dir is None:
+        raise TypeError("mirror_store needs a cache_dir")
     if not is_remote(path):
         return Path(path)
     meta = read_metadata(path) if meta is None else meta

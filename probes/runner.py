@@ -32,7 +32,7 @@ class StorePair:
 
 
 def _label(meta: dict) -> str:
-    d = meta.get("dataset", {})
+    d = meta["dataset"]  # every store records its dataset (read_metadata's stores; pairing reads its name)
     src = d.get("source")
     return f"'{d.get('name')}'" + (f" (source {src})" if src else "")
 

@@ -82,6 +82,27 @@ def test_a_split_of_another_identity_is_named_with_both_sides(digits_stores, tmp
                    f"they are not a pair - extract both splits from the same dataset with the same model")
 
 
+def test_a_lone_test_store_names_the_train_store_of_another_identity(digits_stores, tmp_path):
+    """The group met first holds only a test store: its partner would be a train store, named as such."""
+    te = put(digits_stores, tmp_path, "a/test.zarr", "test")
+    tr = put(digits_stores, tmp_path, "b/train.zarr", "train", **{"model.fingerprint": OTHER_FP})
+    with pytest.raises(ProbeError) as e:
+        discover(tmp_path)
+    assert str(e.value).startswith(f"the test store '{te}' and the train store '{tr}' have the same names but "
+                                   f"differ in model or weights fingerprint ({MODEL_FP[:19]}... vs {OTHER_FP[:19]}")
+
+
+def test_a_store_without_source_beside_one_with_a_source(digits_stores, tmp_path):
+    """A version-1 store (no recorded source) is named by its dataset name alone, the other with its source."""
+    tr = put(digits_stores, tmp_path, "x/train.zarr", "train")
+    te = put(digits_stores, tmp_path, "y/test.zarr", "test", **{"dataset.source": None})
+    with pytest.raises(ProbeError) as e:
+        discover(tmp_path)
+    assert str(e.value) == (f"the train store '{tr}' and the test store '{te}' have the same names but differ in "
+                            f"dataset source ('digits' (source sklearn:load_digits) vs 'digits'); they are not a "
+                            f"pair - extract both splits from the same dataset with the same model")
+
+
 def test_dataset_label_without_source(digits_stores, tmp_path):
     """A store without a recorded source (version 1) is named by its dataset name alone."""
     tr = put(digits_stores, tmp_path, "x/train.zarr", "train", **{"dataset.source": None})
@@ -124,9 +145,12 @@ def test_a_damaged_store_where_the_partner_should_be_is_named(digits_stores, tmp
         discover(tmp_path)
     assert str(e.value).startswith(f"store '{bad}' is damaged: its metadata cannot be read")
     # a damaged store elsewhere (another folder, or named otherwise) is not taken for the partner
-    shutil.move(bad, tmp_path / "digits" / "elsewhere.zarr")
-    with pytest.raises(ProbeError, match="needs both train and test stores"):
-        discover(tmp_path)
+    for moved in ("digits/m/elsewhere.zarr", "digits/x/test.zarr"):
+        (tmp_path / moved).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(bad, tmp_path / moved)
+        bad = tmp_path / moved
+        with pytest.raises(ProbeError, match="needs both train and test stores"):
+            discover(tmp_path)
 
 
 def test_damaged_stores_alone(digits_stores, tmp_path):
@@ -200,3 +224,30 @@ def test_first_store_of_a_split_wins_in_path_order(digits_stores, tmp_path):
     te = put(digits_stores, tmp_path, "c/test.zarr", "test")
     (p,) = discover(tmp_path)
     assert (p.train, p.test) == (first, te)
+
+
+def test_run_heads_defaults_and_provenance(digits_stores, tmp_path, capsys):
+    """A pair run with the defaults: seed 0, progress shown, both stores verified; the result names its stores,
+    their identity and the chance level; files land under the dataset's folder and the model."""
+    from probes.runner import run_heads
+
+    tr, te = (put(digits_stores, tmp_path, f"r/{s}.zarr", s) for s in ("train", "test"))
+    (pair,) = discover(tmp_path / "r")
+    (rec,) = run_heads(pair, ["linear"], {"base": "quick", "lr": [0.1], "wd": [1e-4], "epochs": 1, "min_steps": 1},
+                       tmp_path / "out")
+    err = capsys.readouterr().err
+    assert "linear: grid of 1" in err and "linear: retrain best" in err
+    assert rec["seeds"] == [0] and rec["n_seeds"] == 1
+    assert (rec["train_store"], rec["test_store"]) == (str(tr), str(te))
+    assert (rec["dataset"], rec["dataset_folder"], rec["model"], rec["head"], rec["tap"]) == \
+        ("digits", "digits", "local-tiny", "linear", "main")
+    assert rec["protocol_name"] == "custom" and rec["weights_fingerprint"] == MODEL_FP
+    assert rec["dataset_source"] == "sklearn:load_digits" and rec["n_test"] == 450
+    assert rec["chance"] == pytest.approx(10.0)
+    files = sorted(p.name for p in (tmp_path / "out" / "digits" / "local-tiny").iterdir())
+    assert files == ["linear.json", "linear_probe.json", "linear_probe.safetensors"]
+    # no cache_dir: the stores are read where they are (a cache is only for object storage)
+    with pytest.raises(TypeError, match="needs a cache_dir"):
+        from alfcache.format import mirror_store
+
+        mirror_store(tr, None)
