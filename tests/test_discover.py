@@ -11,6 +11,7 @@ import zarr
 
 from alfcache.format import StoreError
 from probes.errors import ProbeError
+from probes import FeatureSet
 from probes.runner import StorePair, discover
 
 MODEL_FP = "sha256:" + "a" * 64
@@ -251,3 +252,76 @@ def test_run_heads_defaults_and_provenance(digits_stores, tmp_path, capsys):
         from alfcache.format import mirror_store
 
         mirror_store(tr, None)
+
+
+TINY = {"base": "quick", "lr": [0.1], "wd": [1e-4], "epochs": 1, "min_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def tapped_stores(tiny_model, tmp_path_factory):
+    """digits through the tiny model with module taps and last-layer patch tokens (both splits)."""
+    from alfcache.extract import ExtractConfig, extract
+
+    out = tmp_path_factory.mktemp("tapped")
+    extract(ExtractConfig(model=f"local-dir:{tiny_model}", dataset="digits", out=out, workers=0, batch_size=128,
+                          taps="modules", patches=True, progress=False))
+    return out
+
+
+def test_run_heads_on_a_module_tap_trains_both_splits_on_that_tap(tapped_stores, tmp_path):
+    """`tap`: train and test are both read through the module tap (never one through the main layers): the
+    result equals fitting the tap's features directly, and differs from the main layers' result."""
+    from probes.fitting import fit
+    from probes.runner import run_heads
+
+    (pair,) = discover(tapped_stores)
+    train, test = FeatureSet.open(pair.train), FeatureSet.open(pair.test)
+    kind = train.module_taps[0]
+    (rec,) = run_heads(pair, ["linear"], TINY, tmp_path / "out", tap=kind, progress=False)
+    direct = fit(train.select_tap(kind), "linear", protocol=TINY, seed=0, progress=False)
+    assert (rec["head"], rec["tap"]) == (f"linear@{kind}", kind)
+    assert rec["test_balanced_accuracy"] == pytest.approx(direct.balanced_accuracy(test.select_tap(kind)), abs=1e-9)
+    (main,) = run_heads(pair, ["linear"], TINY, tmp_path / "out", progress=False)
+    assert main["tap"] == "main" and main["test_balanced_accuracy"] != rec["test_balanced_accuracy"]
+    from probes.results import _slug
+
+    assert (tmp_path / "out" / "digits" / "local-tiny" / f"{_slug(f'linear@{kind}')}.json").exists()
+
+
+def test_run_heads_all_and_patch_heads(digits_stores, tmp_path):
+    """'all' = every head the stores support (no patch heads without patch tokens); a patch head on stores
+    without patch tokens is refused by name before any training."""
+    from probes.heads import HEADS
+    from probes.runner import run_heads
+
+    for s in ("train", "test"):
+        put(digits_stores, tmp_path, f"r/{s}.zarr", s)
+    (pair,) = discover(tmp_path / "r")
+    with pytest.raises(ProbeError) as e:
+        run_heads(pair, ["linear", "alf-patches"], TINY, tmp_path / "out", progress=False)
+    assert str(e.value) == ("head 'alf-patches' needs last-layer patch tokens; the store has none (extract with "
+                            "--patches)")
+    assert not (tmp_path / "out").exists()
+    recs = run_heads(pair, ["all"], {**TINY, "lr": [0.1], "wd": [0.0]}, tmp_path / "out", progress=False)
+    assert [r["head"] for r in recs] == [n for n, h in HEADS.items() if not h.tokens.patches]
+
+
+def test_run_heads_incomplete_stores_and_a_local_cache_dir(digits_stores, tmp_path):
+    """Incomplete stores are refused unless allowed (then read as they are, not verified); a cache dir changes
+    nothing for stores on a local disk (nothing is copied) - the same result."""
+    from probes.runner import run_heads
+
+    for s in ("train", "test"):
+        put(digits_stores, tmp_path, f"r/{s}.zarr", s, complete=False)
+    (pair,) = discover(tmp_path / "r")
+    with pytest.raises(ProbeError, match=r"^store '.*train.zarr' is incomplete \(extraction did not finish\)"):
+        run_heads(pair, ["linear"], TINY, tmp_path / "out", progress=False)
+    (rec,) = run_heads(pair, ["linear"], TINY, tmp_path / "out", progress=False, allow_incomplete=True)
+    for s in ("train", "test"):
+        shutil.rmtree(tmp_path / "r" / f"{s}.zarr")
+        put(digits_stores, tmp_path, f"r/{s}.zarr", s)
+    (pair,) = discover(tmp_path / "r")
+    (cached,) = run_heads(pair, ["linear"], TINY, tmp_path / "out2", progress=False, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+    assert cached["test_balanced_accuracy"] == rec["test_balanced_accuracy"]
+    assert cached["train_store"] == str(pair.train)
