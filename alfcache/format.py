@@ -22,6 +22,7 @@ protocol and projection recorded). Both are read.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -382,8 +383,7 @@ def verify_store(path: str | Path, progress: bool = False, opened: StoreArrays |
     ranges = list(chunk_ranges(meta))
     if len(ranges) != len(sums):
         raise damaged(path, f"{len(sums)} checksums for {len(ranges)} chunks")
-    arrays = open_arrays(path, meta) if opened is None else opened
-    try:
+    with open_arrays(path, meta) if opened is None else contextlib.nullcontext(opened) as arrays:
         if opened is None:
             check_intact(path, meta, arrays.handle)
 
@@ -415,9 +415,6 @@ def verify_store(path: str | Path, progress: bool = False, opened: StoreArrays |
                     raise damaged(path, f"'{name}' cannot be read ({type(e).__name__})") from None
                 if got != proj["checksums"][name]:
                     raise damaged(path, f"'{name}' fails its checksum")
-    finally:
-        if opened is None:
-            arrays.close()
     return len(sums)
 
 

@@ -18,6 +18,12 @@ MODEL_FP = "sha256:" + "a" * 64
 OTHER_FP = "sha256:" + "b" * 64
 
 
+def not_a_pair(have: str, p, want: str, q, what: str) -> str:
+    """The message for two stores of the same names and another identity."""
+    return (f"the {have} store '{p}' and the {want} store '{q}' have the same names but differ in {what}; they are "
+            f"not a pair - extract both splits from the same dataset with the same model")
+
+
 def put(digits_stores, root, rel: str, split: str, *, complete=True, **changes) -> "Path":  # noqa: F821
     """Copy the digits store of `split` to root/rel and set metadata entries: changes={'dataset.source': ...}."""
     dst = root / rel
@@ -79,8 +85,7 @@ def test_a_split_of_another_identity_is_named_with_both_sides(digits_stores, tmp
     fp = f"model or weights fingerprint ({MODEL_FP[:19]}... vs {OTHER_FP[:19]}...)"
     what = {"dataset": ds, "model": fp, "both": f"{ds} and {fp}", "index": index}[differ]
     # the group met first (sorted by names, then in insertion order) is the train store's
-    assert msg == (f"the train store '{tr}' and the test store '{te}' have the same names but differ in {what}; "
-                   f"they are not a pair - extract both splits from the same dataset with the same model")
+    assert msg == not_a_pair("train", tr, "test", te, what)
 
 
 def test_a_lone_test_store_names_the_train_store_of_another_identity(digits_stores, tmp_path):
@@ -89,8 +94,8 @@ def test_a_lone_test_store_names_the_train_store_of_another_identity(digits_stor
     tr = put(digits_stores, tmp_path, "b/train.zarr", "train", **{"model.fingerprint": OTHER_FP})
     with pytest.raises(ProbeError) as e:
         discover(tmp_path)
-    assert str(e.value).startswith(f"the test store '{te}' and the train store '{tr}' have the same names but "
-                                   f"differ in model or weights fingerprint ({MODEL_FP[:19]}... vs {OTHER_FP[:19]}")
+    assert str(e.value) == not_a_pair("test", te, "train", tr, f"model or weights fingerprint ({MODEL_FP[:19]}... vs "
+                                                              f"{OTHER_FP[:19]}...)")
 
 
 def test_a_store_without_source_beside_one_with_a_source(digits_stores, tmp_path):
@@ -99,9 +104,8 @@ def test_a_store_without_source_beside_one_with_a_source(digits_stores, tmp_path
     te = put(digits_stores, tmp_path, "y/test.zarr", "test", **{"dataset.source": None})
     with pytest.raises(ProbeError) as e:
         discover(tmp_path)
-    assert str(e.value) == (f"the train store '{tr}' and the test store '{te}' have the same names but differ in "
-                            f"dataset source ('digits' (source sklearn:load_digits) vs 'digits'); they are not a "
-                            f"pair - extract both splits from the same dataset with the same model")
+    assert str(e.value) == not_a_pair("train", tr, "test", te,
+                                      "dataset source ('digits' (source sklearn:load_digits) vs 'digits')")
 
 
 def test_dataset_label_without_source(digits_stores, tmp_path):
@@ -111,9 +115,8 @@ def test_dataset_label_without_source(digits_stores, tmp_path):
                                                               "dataset.source": None})
     with pytest.raises(ProbeError) as e:
         discover(tmp_path)
-    assert str(e.value) == (f"the train store '{tr}' and the test store '{te}' have the same names but differ in "
-                            f"model or weights fingerprint ({MODEL_FP[:19]}... vs {OTHER_FP[:19]}...); they are "
-                            f"not a pair - extract both splits from the same dataset with the same model")
+    assert str(e.value) == not_a_pair("train", tr, "test", te,
+                                      f"model or weights fingerprint ({MODEL_FP[:19]}... vs {OTHER_FP[:19]}...)")
 
 
 def test_a_missing_split_is_named(digits_stores, tmp_path):

@@ -248,19 +248,6 @@ def test_prefetched_stays_ahead_of_the_consumer_only_by_ahead():
     assert list(F.prefetched(lambda i: i, [], 4)) == [] and list(F.prefetched(lambda i: i, [7], 4)) == [7]
 
 
-def test_prefetched_raises_the_items_error_in_order():
-    def fn(i):
-        if i == 3:
-            raise ValueError("item 3")
-        return i
-
-    got = []
-    with pytest.raises(ValueError, match="item 3"):
-        for x in F.prefetched(fn, range(6), 4):
-            got.append(x)
-    assert got == [0, 1, 2]
-
-
 def test_read_ahead(monkeypatch, tmp_path):
     monkeypatch.delenv("ALF_READ_AHEAD", raising=False)
     assert F.read_ahead("s3://b/x.zarr") == 8 and F.read_ahead(tmp_path) == 1
