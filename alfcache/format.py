@@ -682,12 +682,12 @@ def _mirror(path, cache_dir, meta: dict) -> Path:
         p.fs.get(p.path.rstrip("/") + "/", str(tmp) + "/", recursive=True)
         for stale in tmp.glob("alf_progress*.json"):
             stale.unlink()
+        if dest.exists():  # a copy without its zarr.json (emptied by hand or a disk fault): not a copy to keep
+            shutil.rmtree(dest)
         os.replace(tmp, dest)
-    except FileExistsError:  # another process put the same copy in place first
-        shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if dest.is_dir():  # lost a race to an identical copy
+        if (dest / "zarr.json").is_file():  # lost a race to an identical copy put in place meanwhile
             return dest
         raise e
     return dest

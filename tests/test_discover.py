@@ -5,6 +5,7 @@ extractions (digits through the tiny model) copied and given other identities by
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 import zarr
@@ -248,6 +249,15 @@ def test_run_heads_defaults_and_provenance(digits_stores, tmp_path, capsys):
     assert rec["protocol_name"] == "custom" and rec["weights_fingerprint"] == MODEL_FP
     assert rec["dataset_source"] == "sklearn:load_digits" and rec["n_test"] == 450
     assert rec["chance"] == pytest.approx(10.0)
+    # the model's origin, weights and extraction protocol as the train store records them (put() sets the
+    # fingerprint; the rest is the extraction's own), the test set's class names, and when the result was made
+    meta = meta_of(digits_stores)
+    assert rec["model_source"] == meta["model"]["source_id"] and rec["model_source"].startswith("local-dir:")
+    assert rec["pretrained_weights"] is meta["model"]["pretrained_weights"] is False
+    assert rec["extraction_protocol"] == meta["extraction"]["protocol"] and rec["extraction_protocol"]
+    assert rec["class_names"] == [str(i) for i in range(10)] == meta["class_names"]
+    made = time.strptime(rec["finished_at"], "%Y-%m-%dT%H:%M:%S")
+    assert abs(time.mktime(made) - time.time()) < 600
     files = sorted(p.name for p in (tmp_path / "out" / "digits" / "local-tiny").iterdir())
     assert files == ["linear.json", "linear_probe.json", "linear_probe.safetensors"]
     # no cache_dir: the stores are read where they are (a cache is only for object storage)

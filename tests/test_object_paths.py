@@ -172,3 +172,108 @@ def test_prefetched_passes_errors_through_in_order():
             got.append(v)
     assert got == [0, 1, 2]
     assert list(F.prefetched(f, [], 4)) == [] and list(F.prefetched(f, [5], 4)) == [5]
+
+
+# ------------------------------------------------------------------------------------------ remote layouts
+# Listing, sizing and the read-through copy work through fsspec's filesystem interface only (ls, du, get), so
+# they are tested here on fsspec's in-memory filesystem (memory://: a real fsspec filesystem, remote to
+# `is_remote`); tests/test_s3.py runs the same code against a real S3 server.
+@pytest.fixture
+def bucket(tmp_path):
+    """A fresh memory:// 'bucket' (the in-memory filesystem is process-wide: a name of its own per test)."""
+    name = f"bkt-{tmp_path.name.lower().replace('_', '-')}"
+    fs = F.location(f"memory://{name}").fs
+    yield name, fs
+    fs.rm(f"/{name}", recursive=True) if fs.exists(f"/{name}") else None
+
+
+def small_store(folder: Path, **meta) -> Path:
+    """A real zarr store (metadata + two arrays of a few chunks) on local disk."""
+    import numpy as np
+    import zarr
+
+    g = zarr.open_group(str(folder), mode="w", zarr_format=3)
+    g.attrs.put({"format": F.FORMAT, "format_version": F.VERSION, "complete": True, "created_at": "t0",
+                 "chunk_checksums": ["a", "b"], **meta})
+    g.create_array("cls", data=np.arange(40, dtype=np.float32).reshape(20, 2), chunks=(8, 2))
+    g.create_array("labels", data=np.arange(20) % 3, chunks=(8,))
+    return folder
+
+
+def tree(base: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
+
+
+def test_remote_listing_finds_stores_without_entering_them(bucket):
+    """Every *.zarr folder under the root, at any depth up to 6 folders below it, sorted; a store inside a store,
+    a file named like a store and folders deeper than 6 are not stores of the root; a missing root has none."""
+    name, fs = bucket
+    for key in ["d/m/train.zarr/zarr.json", "d/m/test.zarr/zarr.json", "top.zarr/zarr.json",
+                "top.zarr/inner.zarr/zarr.json", "d/m/notes.zarr", "d/other/readme.txt",
+                "1/2/3/4/5/6/deep.zarr/zarr.json", "1/2/3/4/5/6/7/deeper.zarr/zarr.json"]:
+        fs.pipe(f"/{name}/r/{key}", b"{}")
+    root = F.location(f"memory://{name}/r")
+    found = F.find_stores(f"memory://{name}/r")
+    assert found == [root / k for k in ["1/2/3/4/5/6/deep.zarr", "d/m/test.zarr", "d/m/train.zarr", "top.zarr"]]
+    assert all(F.is_remote(p) for p in found)
+    assert F.find_stores(f"memory://{name}/r/d/") == [root / "d/m/test.zarr", root / "d/m/train.zarr"]
+    assert F._find_remote_stores(f"memory://{name}/r", max_depth=1) == [root / "top.zarr"]
+    assert F.find_stores(f"memory://{name}/nothing-here") == []
+
+
+def test_size_of_counts_every_byte(bucket, tmp_path):
+    name, fs = bucket
+    fs.pipe(f"/{name}/s.zarr/zarr.json", b"x" * 7)
+    fs.pipe(f"/{name}/s.zarr/cls/c/0/0", b"y" * 1000)
+    fs.pipe(f"/{name}/other.zarr/zarr.json", b"z" * 50)  # beside it: not counted
+    assert F.size_of(f"memory://{name}/s.zarr") == 1007
+    (tmp_path / "f" / "g").mkdir(parents=True)
+    (tmp_path / "f" / "a").write_bytes(b"1" * 3)
+    (tmp_path / "f" / "g" / "b").write_bytes(b"2" * 11)
+    assert F.size_of(tmp_path / "f") == 14 and F.size_of(str(tmp_path / "f" / "g" / "b")) == 11
+
+
+def test_read_through_copy_is_whole_named_by_identity_and_reused(bucket, tmp_path):
+    """mirror_store: the remote store's objects copied byte for byte (the writer's progress files left out) under
+    `<sha256 of [url, created_at, chunk_checksums]>[:16]-<name>`, reused while the store is unchanged (no request
+    made), fetched anew when it was re-extracted; a half copy of a killed fetch is never used; local stores are
+    returned as they are and incomplete remote ones are refused."""
+    import hashlib
+    import json
+
+    name, fs = bucket
+    local = small_store(tmp_path / "src" / "train.zarr")
+    url = f"memory://{name}/f/d/m/train.zarr"
+    fs.put(str(local), f"/{name}/f/d/m/train.zarr", recursive=True)
+    fs.pipe(f"/{name}/f/d/m/train.zarr/alf_progress.json", b"{}")
+    fs.pipe(f"/{name}/f/d/m/train.zarr/alf_progress-7.json", b"{}")
+    cache = tmp_path / "cache"
+    ident = json.dumps([str(F.location(url)), "t0", ["a", "b"]], sort_keys=True)
+    want = cache / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}-train.zarr"
+    (cache / (want.name + ".partial999999")).mkdir(parents=True)  # another process's: not ours, left alone
+    mine = cache / (want.name + f".partial{__import__('os').getpid()}")
+    (mine / "junk").mkdir(parents=True)  # a killed fetch of this process id: replaced
+    got = F.mirror_store(url, cache)
+    assert got == want
+    assert tree(got) == tree(local) and "alf_progress.json" not in tree(got)
+    assert not mine.exists() and sorted(p.name for p in cache.iterdir()) == sorted([want.name, want.name + ".partial999999"])
+    assert F.read_metadata(got)["chunk_checksums"] == ["a", "b"]
+    # unchanged: the copy is reused without reading the bucket
+    fs.rm(f"/{name}/f", recursive=True)
+    assert F.mirror_store(url, cache, meta=F.read_metadata(got)) == want
+    # re-extracted (new checksums): a new copy under a new name
+    small_store(local, chunk_checksums=["c", "d"])
+    fs.put(str(local), f"/{name}/f/d/m/train.zarr", recursive=True)
+    again = F.mirror_store(url, cache)
+    assert again != want and again.name.endswith("-train.zarr") and tree(again) == tree(local)
+    assert F.read_metadata(again)["chunk_checksums"] == ["c", "d"]
+    # a copy without its zarr.json (a torn copy by hand) is not taken for a copy
+    (again / "zarr.json").unlink()
+    assert F.mirror_store(url, cache) == again and (again / "zarr.json").is_file()
+    assert F.mirror_store(local, cache) == local
+    small_store(local, complete=False)
+    fs.rm(f"/{name}/f", recursive=True)
+    fs.put(str(local), f"/{name}/f/d/m/train.zarr", recursive=True)
+    with pytest.raises(F.StoreError) as e:
+        F.mirror_store(url, cache)
+    assert str(e.value) == f"store '{url}' is incomplete (extraction did not finish); it is not cached"
