@@ -711,30 +711,32 @@ def explain(exc: BaseException, remote: bool = True, path=None) -> str | None:
     if not remote and not any(type(e).__module__.split(".")[0] in REMOTE_MODULES for e in _chain(exc)):
         return None
     names = {b.__name__ for e in _chain(exc) for b in type(e).__mro__}
-    text = " ".join(str(e) for e in _chain(exc))
+    said = lambda *words: any(w in str(e) for e in _chain(exc) for w in words)  # noqa: E731
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the S3 endpoint"
     if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
         return ("object storage: no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
                 "AWS_PROFILE / ~/.aws/credentials, or run where an instance role applies)")
-    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
-        bucket = re.search(r"(?:BucketName|bucket)[=: ]+'?([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])'?", text)
-        name = bucket.group(1) if bucket and bucket.group(1) not in ("does", "the", "is") else None
+    if said("NoSuchBucket") or any("bucket does not exist" in str(e).lower() for e in _chain(exc)):
+        # the service names the bucket in its answer (botocore's ClientError.response); else the URL does
+        answers = (getattr(e, "response", None) for e in _chain(exc))
+        name = next((a["Error"]["BucketName"] for a in answers if isinstance(a, dict)
+                     and "BucketName" in a.get("Error", {})), None)
         if name is None and path is not None and is_remote(path):
             name = str(path).split("://", 1)[1].split("/")[0]
         which = f" '{name}'" if name else ""
         return f"object storage: the bucket{which} does not exist (create it, or check the URL and {endpoint})"
     if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionClosedError",
                 "ReadTimeoutError", "ServerDisconnectedError", "FSTimeoutError"} or (
-            "ConnectionError" in names and "Connect" in text):
+            "ConnectionError" in names and said("Connect")):
         attempts = os.environ.get(ENV_RETRIES, "8")
         return (f"object storage unreachable at {endpoint} (gave up after {attempts} attempts with back-off); "
                 f"everything written before is kept - rerun the same command to resume")
-    if names & {"PermissionError"} or "AccessDenied" in text or "Forbidden" in text:
+    if names & {"PermissionError"} or said("AccessDenied", "Forbidden"):
         target = next((e.filename for e in _chain(exc) if getattr(e, "filename", None)), None)
         where = f" '{target}'" if target else ""
         return (f"object storage: access denied{where} (the credentials may not read or write there; check the "
                 f"bucket policy or use a bucket you may write)")
-    if "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+    if said("InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return "object storage: the credentials were refused (InvalidAccessKeyId / SignatureDoesNotMatch)"
     return None
 

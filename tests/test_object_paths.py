@@ -277,3 +277,76 @@ def test_read_through_copy_is_whole_named_by_identity_and_reused(bucket, tmp_pat
     with pytest.raises(F.StoreError) as e:
         F.mirror_store(url, cache)
     assert str(e.value) == f"store '{url}' is incomplete (extraction did not finish); it is not cached"
+
+
+# ------------------------------------------------------------------------------------------ explain, case by case
+UNREACHABLE = ("object storage unreachable at {endpoint} (gave up after {attempts} attempts with back-off); "
+               "everything written before is kept - rerun the same command to resume")
+NO_CREDENTIALS = ("object storage: no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                  "AWS_PROFILE / ~/.aws/credentials, or run where an instance role applies)")
+DENIED = ("object storage: access denied{where} (the credentials may not read or write there; check the bucket "
+          "policy or use a bucket you may write)")
+REFUSED = "object storage: the credentials were refused (InvalidAccessKeyId / SignatureDoesNotMatch)"
+
+
+def failures():
+    """(what, the exception as its library raises it, the whole line explain must give) - each kind of failure of
+    each client library the object-storage stack uses, without the endpoint or retry settings in the environment."""
+    import aiohttp
+    import fsspec.exceptions
+    from aiohttp.client_reqrep import ConnectionKey
+    from botocore import exceptions as bx
+
+    key = ConnectionKey("127.0.0.1", 9, False, True, None, None, None, None)
+    down = UNREACHABLE.format(endpoint="the S3 endpoint", attempts=8)
+    return [
+        ("no credentials", bx.NoCredentialsError(), NO_CREDENTIALS),
+        ("partial credentials", bx.PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY"),
+         NO_CREDENTIALS),
+        ("credentials not retrieved", bx.CredentialRetrievalError(provider="sso", error_msg="expired"), NO_CREDENTIALS),
+        ("no bucket, named by the service", client_error("NoSuchBucket", "gone", BucketName="lab-y"),
+         "object storage: the bucket 'lab-y' does not exist (create it, or check the URL and the S3 endpoint)"),
+        ("no bucket, unnamed", client_error("NoSuchBucket", "gone"),
+         "object storage: the bucket does not exist (create it, or check the URL and the S3 endpoint)"),
+        ("no bucket, in other words", FileNotFoundError("The specified Bucket does not exist"),
+         "object storage: the bucket does not exist (create it, or check the URL and the S3 endpoint)"),
+        ("endpoint down", bx.EndpointConnectionError(endpoint_url="http://x:1"), down),
+        ("connect timeout", bx.ConnectTimeoutError(endpoint_url="http://x:1"), down),
+        ("read timeout", bx.ReadTimeoutError(endpoint_url="http://x:1"), down),
+        ("connection closed", bx.ConnectionClosedError(endpoint_url="http://x:1"), down),
+        ("aiohttp cannot connect", aiohttp.ClientConnectorError(key, OSError(111, "Connection refused")), down),
+        ("aiohttp server gone", aiohttp.ServerDisconnectedError(), down),
+        ("fsspec timeout", fsspec.exceptions.FSTimeoutError(), down),
+        ("refused connection", ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 9)"), down),
+        ("a reset is not 'unreachable'", ConnectionResetError(104, "reset by peer"), None),
+        ("'Connect' in a message is not a failed connection", ValueError("Connect the dots"), None),
+        ("denied, file named", PermissionError(13, "Access Denied", "b/k/zarr.json"), DENIED.format(where=" 'b/k/zarr.json'")),
+        ("denied by code", client_error("AccessDenied", "Access Denied"), DENIED.format(where="")),
+        ("forbidden", client_error("403", "Forbidden", "HeadObject"), DENIED.format(where="")),
+        ("bad key id", client_error("InvalidAccessKeyId", "no such key"), REFUSED),
+        ("bad signature", client_error("SignatureDoesNotMatch", "wrong secret"), REFUSED),
+        ("anything else", KeyError("x"), None),
+    ]
+
+
+@pytest.mark.parametrize("i", range(22))
+def test_explain_each_failure_in_its_own_words(i, monkeypatch):
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "ALF_S3_RETRIES"):
+        monkeypatch.delenv(var, raising=False)
+    cases = failures()
+    assert len(cases) == 22
+    what, exc, line = cases[i]
+    assert F.explain(exc) == line, what
+    # the same failure re-raised by a wrapper (s3fs and zarr raise their own errors from the client's) reads the same
+    assert F.explain(raised_from(OSError("wrapped"), exc)) == line, what
+
+
+def test_explain_names_the_bucket_from_the_answer_before_the_url():
+    """The bucket the service names wins over the URL's (a URL may point at one bucket and an alias at another);
+    the URL's first component is the bucket, whatever the key holds; a local path names none."""
+    answer = client_error("NoSuchBucket", "gone", BucketName="from-answer")
+    assert "bucket 'from-answer' does not exist" in F.explain(answer, path="s3://from-url/k")
+    plain = client_error("NoSuchBucket", "gone")
+    assert "bucket 'from-url' does not exist" in F.explain(plain, path="s3://from-url/odd://key/x")
+    assert "the bucket does not exist" in F.explain(plain, path="/local/features")
+    assert "the bucket does not exist" in F.explain(plain, path=None)
