@@ -403,3 +403,71 @@ def test_version_1_checksums_do_not_cover_sample_ids(store):
     set_meta(store, format_version=2)
     with pytest.raises(StoreError, match="chunk 0 .*fails its checksum"):
         F.verify_store(store)
+
+
+# ------------------------------------------------------------------------------------------ unwritten rows
+# Rows with no stored data read as fill values; the reader refuses them (check_intact). What counts as unwritten
+# is read off each format's own bookkeeping: Zarr's stored objects and shard indexes, HDF5's chunk allocation.
+@pytest.mark.parametrize("index_location", ["start", "end"])
+def test_sharded_zarr_rows_without_data(tmp_path, index_location):
+    """Shards of 20 rows hold inner chunks of 5; the shard index (at the shard's start or end) marks the inner
+    chunks that hold nothing; a shard file too short to hold its index holds nothing; a missing shard neither."""
+    import zarr
+    from zarr.codecs import BytesCodec, ShardingCodec
+
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    a = g.create_array("x", shape=(40, 3), dtype="f4", chunks=(20, 3), fill_value=0, compressors=None,
+                       serializer=ShardingCodec(chunk_shape=(5, 3), codecs=[BytesCodec()],
+                                                index_location=index_location))
+    a[:] = np.arange(1, 121, dtype=np.float32).reshape(40, 3)
+    assert F._zarr_unwritten(a) == []
+    with zarr.config.set({"array.write_empty_chunks": False}):
+        b = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")["x"]
+        b[5:10] = 0  # all fill: dropped from shard 0
+        b[30:35] = 0  # and from shard 1
+    assert F._zarr_unwritten(b) == [(5, 10), (30, 35)]
+    shard1 = tmp_path / "s.zarr" / "x" / "c" / "1" / "0"
+    shard1.write_bytes(shard1.read_bytes()[:3])
+    assert F._zarr_unwritten(b) == [(5, 10), (20, 40)]
+    (tmp_path / "s.zarr" / "x" / "c" / "0" / "0").unlink()
+    assert F._zarr_unwritten(b) == [(0, 40)]
+
+
+def test_hdf5_rows_without_data(tmp_path):
+    """Chunked: the rows of chunks never allocated; contiguous: all rows or none; a scalar or an empty dataset
+    has no rows to miss."""
+    import h5py
+
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        c = f.create_dataset("chunked", shape=(10, 1), dtype="f4", chunks=(3, 1))
+        c[0:3] = 1
+        c[9:10] = 1  # chunks 1 and 2 (rows 3-8) never written
+        full = f.create_dataset("full", shape=(4, 2), dtype="f4", chunks=(2, 2))
+        full[...] = 1
+        f.create_dataset("contiguous_unwritten", shape=(3, 5), dtype="f4")
+        one = f.create_dataset("one_byte", shape=(1,), dtype="u1")
+        one[...] = 7
+        f.create_dataset("scalar_unwritten", shape=(), dtype="f4")
+        f.create_dataset("empty", shape=(0, 3), dtype="f4")
+        assert F._h5_unwritten(f["chunked"]) == [(3, 9)]
+        assert F._h5_unwritten(f["full"]) == []
+        assert F._h5_unwritten(f["contiguous_unwritten"]) == [(0, 3)]
+        assert F._h5_unwritten(f["one_byte"]) == []
+        assert F._h5_unwritten(f["scalar_unwritten"]) == []
+        assert F._h5_unwritten(f["empty"]) == []
+
+
+def test_error_chain_follows_causes_first_and_stops_at_a_cycle():
+    """explain reads every exception behind the one raised: the explicit cause before the implicit context, each
+    once even where the chain loops back."""
+    import itertools
+
+    a, b, c = ValueError("a"), KeyError("b"), OSError("c")
+    a.__cause__, a.__context__ = b, c
+    assert list(F._chain(a)) == [a, b]
+    a.__cause__ = None
+    assert list(F._chain(a)) == [a, c]
+    c.__context__ = a  # a loop: a -> c -> a
+    assert list(itertools.islice(F._chain(a), 5)) == [a, c]
+    b.__cause__ = b  # a self-loop
+    assert list(itertools.islice(F._chain(b), 5)) == [b]
