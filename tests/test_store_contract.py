@@ -408,28 +408,43 @@ def test_version_1_checksums_do_not_cover_sample_ids(store):
 # ------------------------------------------------------------------------------------------ unwritten rows
 # Rows with no stored data read as fill values; the reader refuses them (check_intact). What counts as unwritten
 # is read off each format's own bookkeeping: Zarr's stored objects and shard indexes, HDF5's chunk allocation.
+@pytest.mark.parametrize("where", ["disk", "memory"])
 @pytest.mark.parametrize("index_location", ["start", "end"])
-def test_sharded_zarr_rows_without_data(tmp_path, index_location):
+def test_sharded_zarr_rows_without_data(tmp_path, index_location, where):
     """Shards of 20 rows hold inner chunks of 5; the shard index (at the shard's start or end) marks the inner
-    chunks that hold nothing; a shard file too short to hold its index holds nothing; a missing shard neither."""
+    chunks that hold nothing; a shard file too short to hold its index holds nothing; a missing shard neither.
+    On a local folder and through fsspec (memory://, the store class object storage uses)."""
     import zarr
     from zarr.codecs import BytesCodec, ShardingCodec
 
-    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    if where == "memory":
+        pytest.importorskip("upath")
+        url = f"memory://shards-{index_location}-{os.getpid()}/s.zarr"
+        fs = F.location(url).fs
+        fs.rm(F.location(url).path, recursive=True) if fs.exists(F.location(url).path) else None
+        base = F.location(url).path
+        truncate = lambda key, n: fs.pipe(f"{base}/{key}", fs.cat_file(f"{base}/{key}")[:n])  # noqa: E731
+        delete = lambda key: fs.rm(f"{base}/{key}")  # noqa: E731
+        store = lambda: F.zarr_store(url, read_only=False)  # noqa: E731
+    else:
+        folder = tmp_path / "s.zarr"
+        truncate = lambda key, n: (folder / key).write_bytes((folder / key).read_bytes()[:n])  # noqa: E731
+        delete = lambda key: (folder / key).unlink()  # noqa: E731
+        store = lambda: str(folder)  # noqa: E731
+    g = zarr.open_group(store(), mode="w", zarr_format=3)
     a = g.create_array("x", shape=(40, 3), dtype="f4", chunks=(20, 3), fill_value=0, compressors=None,
                        serializer=ShardingCodec(chunk_shape=(5, 3), codecs=[BytesCodec()],
                                                 index_location=index_location))
     a[:] = np.arange(1, 121, dtype=np.float32).reshape(40, 3)
     assert F._zarr_unwritten(a) == []
     with zarr.config.set({"array.write_empty_chunks": False}):
-        b = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")["x"]
+        b = zarr.open_group(store(), mode="r+")["x"]
         b[5:10] = 0  # all fill: dropped from shard 0
         b[30:35] = 0  # and from shard 1
     assert F._zarr_unwritten(b) == [(5, 10), (30, 35)]
-    shard1 = tmp_path / "s.zarr" / "x" / "c" / "1" / "0"
-    shard1.write_bytes(shard1.read_bytes()[:3])
+    truncate("x/c/1/0", 3)
     assert F._zarr_unwritten(b) == [(5, 10), (20, 40)]
-    (tmp_path / "s.zarr" / "x" / "c" / "0" / "0").unlink()
+    delete("x/c/0/0")
     assert F._zarr_unwritten(b) == [(0, 40)]
 
 
