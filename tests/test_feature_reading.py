@@ -1,0 +1,247 @@
+"""What a head receives from a FeatureSet (probes/features.py), against an independent numpy computation: every
+token selection (layers, kinds, patches), each normalisation and padding, the model's output projection of the
+last layer, rows asked in any order (scattered over chunks, repeated), read from a chunked store or from arrays,
+into a caller's buffer or a new one; non-finite tokens refused by row; module taps read through their own arrays."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from probes import FeatureSet
+from probes.errors import ProbeError
+from probes.selection import TokenSpec
+
+CHUNK = 64  # rows per chunk of the store: digits' 450 test images make 8 chunks
+
+
+def reference(cls, ap, patches, rows, layers, kinds, *, with_patches=False, normalise="token", pad="model",
+              projection=None):
+    """The (n, T, W) tokens written out from their definition, in float64: per layer its kinds in order, then the
+    patch tokens; the last layer and the patches through x W^T + b where a projection is given; zero-padded on
+    the right to the model's width (pad='model', or wider if the projection is) or to the widest token; then L2
+    normalised per token, per channel over the tokens, or not at all."""
+    L, D = cls.shape[1], cls.shape[2]
+    src = {"cls": np.asarray(cls, np.float64), "ap": np.asarray(ap, np.float64)}
+    proj = (lambda t: t @ projection[0].T.astype(np.float64) + projection[1]) if projection else (lambda t: t)
+    toks = []
+    for layer in layers:
+        for k in kinds:
+            t = src[k][rows, layer]
+            toks.append(proj(t) if layer == L - 1 else t)
+    if with_patches:
+        toks += [proj(np.asarray(patches, np.float64)[rows, p]) for p in range(patches.shape[1])]
+    widest = max(t.shape[1] for t in toks)
+    W = max(D, widest) if pad == "model" else widest
+    x = np.zeros((len(rows), len(toks), W))
+    for i, t in enumerate(toks):
+        x[:, i, :t.shape[1]] = t
+    if normalise == "token":
+        x /= np.maximum(np.linalg.norm(x, axis=2, keepdims=True), 1e-12)
+    elif normalise == "across-tokens":
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model, tmp_path_factory):
+    """digits' test split through the tiny model in 64-row chunks, with patch tokens and module taps."""
+    from alfcache.extract import ExtractConfig, extract
+
+    (res,) = extract(ExtractConfig(model=f"local-dir:{tiny_model}", dataset="digits", splits=["test"],
+                                   out=tmp_path_factory.mktemp("reading"), workers=0, batch_size=128,
+                                   chunk_rows=CHUNK, taps="modules", patches=True, progress=False))
+    return res.path
+
+
+@pytest.fixture(scope="module")
+def raw(store):
+    import zarr
+
+    g = zarr.open_group(str(store), mode="r")
+    return {name: g[name][...] for name in ("cls", "ap", "patches")}
+
+
+# rows across chunk borders (63 | 64), the first and last rows, repeated rows, unsorted
+ROWS = np.array([64, 3, 63, 449, 0, 200, 64, 130, 129, 448, 3, 65, 127, 128, 320])
+
+SPECS = [  # (layers given as the spec takes them, the same layers resolved, kinds, patches, normalise)
+    ("all", None, "cls+ap", False, "token"),
+    ((0, 2), [0, 2], "cls", False, "across-tokens"),
+    ((-1,), [-1], "ap", False, "none"),
+    ("last", [-1], "cls+ap", True, "token"),
+    ((1, 3), [1, 3], "cls+ap", True, "across-tokens"),
+]
+
+
+@pytest.mark.parametrize("layers, resolved, kinds, patches, normalise", SPECS)
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_store_tokens_equal_their_definition(store, raw, layers, resolved, kinds, patches, normalise, in_memory):
+    fs = FeatureSet.open(store, in_memory=in_memory)
+    L = raw["cls"].shape[1]
+    idx = list(range(L)) if resolved is None else [r % L for r in resolved]
+    spec = TokenSpec(layers=layers, kinds=kinds, patches=patches, normalise=normalise)
+    got = fs.tokens(ROWS, spec)
+    want = reference(raw["cls"], raw["ap"], raw["patches"], ROWS, idx, spec.kind_list(), with_patches=patches,
+                     normalise=normalise)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    names = [f"{fs.layer_names[i]}:{k}" for i in idx for k in spec.kind_list()]
+    names += [f"patch{p}" for p in range(raw["patches"].shape[1])] if patches else []
+    assert fs.token_names(spec) == names
+
+
+@pytest.mark.parametrize("pad", ["model", "widest"])
+@pytest.mark.parametrize("E", [3, 8])  # projected narrower than the model (CLIP-L: 1024 -> 768) or wider
+@pytest.mark.parametrize("final", ["output", "norm"])
+def test_projected_last_layer_and_padding(pad, E, final):
+    rng = np.random.default_rng(0)
+    N, L, D, P = 30, 3, 5, 2
+    cls, ap, patches = (rng.normal(size=s).astype(np.float32) for s in ((N, L, D), (N, L, D), (N, P, D)))
+    w, b = rng.normal(size=(E, D)).astype(np.float32), rng.normal(size=E).astype(np.float32)
+    fs = FeatureSet.from_arrays(cls=cls, ap=ap, labels=np.arange(N) % 3, patches=patches, projection=(w, b))
+    rows = np.array([7, 2, 29, 2, 0])
+    for layers, idx in (("all", [0, 1, 2]), ("last", [2]), ((0,), [0])):
+        spec = TokenSpec(layers=layers, kinds="cls+ap", patches=layers == "all", pad=pad, final=final)
+        want = reference(cls, ap, patches, rows, idx, ["cls", "ap"], with_patches=layers == "all", pad=pad,
+                         projection=(w, b) if final == "output" else None)
+        got = fs.tokens(rows, spec)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=f"{layers} {pad} E={E} {final}")
+        layout = fs.layout(spec)
+        assert (layout.width, layout.num_tokens) == want.shape[1:][::-1]
+        real = [E if (final == "output" and (i == L - 1)) else D for i in idx for _ in "ka"]
+        real += [E if final == "output" else D] * (P if layers == "all" else 0)
+        assert layout.widths == real
+
+
+def test_a_store_without_a_final_norm_layer_is_not_projected(raw):
+    """The projection belongs to the model's output: a store whose last layer is not the final norm (an explicit
+    module list) reads its last layer as stored even with a projection at hand."""
+    from pathlib import Path
+
+    rng = np.random.default_rng(1)
+    w, b = rng.normal(size=(3, raw["cls"].shape[2])).astype(np.float32), np.zeros(3, np.float32)
+    fs = FeatureSet.from_arrays(cls=raw["cls"], ap=raw["ap"], labels=np.zeros(450, int), projection=(w, b))
+    fs.path = Path("a-store.zarr")  # read from a store whose layers are named layer1..layerL
+    spec = TokenSpec(layers="last", kinds="cls")
+    last = [raw["cls"].shape[1] - 1]
+    np.testing.assert_allclose(fs.tokens(ROWS, spec), reference(raw["cls"], raw["ap"], None, ROWS, last, ["cls"]),
+                               rtol=2e-5, atol=2e-6)
+    fs.layer_names[-1] = "final_norm"
+    assert fs.tokens(ROWS, spec).shape[2] == raw["cls"].shape[2]  # padded to the model width, projected inside
+    np.testing.assert_allclose(fs.tokens(ROWS, spec)[:, 0, :3],
+                               reference(raw["cls"], raw["ap"], None, ROWS, last, ["cls"], projection=(w, b))[:, 0, :3],
+                               rtol=2e-5, atol=2e-6)
+
+
+def test_tokens_into_a_callers_buffer(store, raw):
+    """`out`: filled in place (rows asked in sorted order come back as a view of it, nothing copied); any other
+    buffer is refused by name."""
+    fs = FeatureSet.open(store)
+    spec = TokenSpec(layers=(0, 1), kinds="cls+ap")
+    rows = np.array([5, 70, 71, 300])
+    buf = np.full((10, 4, raw["cls"].shape[2]), 7.0, np.float32)
+    got = fs.tokens(rows, spec, out=buf)
+    assert np.shares_memory(got, buf) and got.shape == (4, 4, raw["cls"].shape[2])
+    np.testing.assert_allclose(buf[:4], reference(raw["cls"], raw["ap"], None, rows, [0, 1], ["cls", "ap"]),
+                               rtol=2e-5, atol=2e-6)
+    assert (buf[4:] == 7.0).all(), "rows past the asked ones are left alone"
+    shuffled = fs.tokens(rows[::-1], spec, out=buf)
+    np.testing.assert_array_equal(shuffled, buf[:4][::-1])
+    shape = (4, 4, raw["cls"].shape[2])
+    for bad in (np.zeros((10, 4, shape[2]), np.float64), np.zeros((3, 4, shape[2]), np.float32),
+                np.zeros((10, 5, shape[2]), np.float32), np.zeros((10, 4, shape[2] + 1), np.float32),
+                np.zeros((10, 4, 2 * shape[2]), np.float32)[:, :, ::2]):
+        with pytest.raises(ValueError) as e:
+            fs.tokens(rows, spec, out=bad)
+        assert str(e.value) == f"out must be a C-contiguous float32 array of at least {shape}, not {bad.dtype} {bad.shape}"
+
+
+@pytest.mark.parametrize("normalise", ["token", "across-tokens", "none"])
+def test_non_finite_tokens_are_refused_by_row(normalise):
+    """+inf, -inf and NaN anywhere in a token a head would see (cls, ap, a patch) name the first three rows (in
+    row order) that hold one; rows the head does not see do not matter."""
+    rng = np.random.default_rng(2)
+    cls, ap, patches = (rng.normal(size=s).astype(np.float32) for s in ((20, 2, 4), (20, 2, 4), (20, 3, 4)))
+    cls[11, 1, 2] = np.inf
+    ap[4, 0, 0] = -np.inf
+    patches[16, 2, 3] = np.nan
+    cls[1, 0, 1] = np.nan  # never asked below
+    fs = FeatureSet.from_arrays(cls=cls, ap=ap, labels=np.arange(20) % 2, patches=patches)
+    spec = TokenSpec(kinds="cls+ap", patches=True, normalise=normalise)
+    with pytest.raises(ProbeError) as e:
+        fs.tokens(np.array([16, 0, 11, 4, 5]), spec)
+    assert str(e.value) == "non-finite tokens in rows [4, 11, 16]"
+    with pytest.raises(ProbeError) as e:
+        fs.tokens(np.array([16, 0, 11, 4, 5]), TokenSpec(kinds="ap", normalise=normalise))
+    assert str(e.value) == "non-finite tokens in rows [4]"
+    assert np.isfinite(fs.tokens(np.array([0, 5, 19]), spec)).all()
+    fs.path = "s.zarr"
+    with pytest.raises(ProbeError) as e:
+        fs.tokens(np.array([11]), TokenSpec(kinds="cls", layers="last", normalise=normalise))
+    assert str(e.value) == "non-finite tokens in rows [11] of 's.zarr'"
+
+
+def test_float16_overflow_in_a_store_is_refused(store, tmp_path):
+    """A token stored as float16 infinity (a value past 65504) is refused like any other."""
+    import shutil
+
+    import zarr
+
+    s = tmp_path / "s.zarr"
+    shutil.copytree(store, s)
+    a = zarr.open_group(str(s), mode="r+")["cls"]
+    row = a[130]
+    row[0, 0] = np.float16(np.inf) if a.dtype == np.float16 else np.inf
+    a[130] = row
+    fs = FeatureSet.open(s)
+    with pytest.raises(ProbeError) as e:
+        fs.tokens(np.array([129, 130]), TokenSpec(layers=(0,), kinds="cls"))
+    assert str(e.value) == f"non-finite tokens in rows [130] of '{s}'"
+
+
+def test_module_taps_read_their_own_arrays(store):
+    """Through a module tap the tokens are that tap's cls / ap / mean arrays over the blocks, and the layer names
+    say so; unknown taps, 'mean' outside a tap and patch tokens a set lacks are refused by name."""
+    import zarr
+
+    fs = FeatureSet.open(store)
+    g = zarr.open_group(str(store), mode="r")
+    kind = fs.module_taps[0]
+    tap = fs.select_tap(kind)
+    assert tap.layer_names == [f"block{i}.{kind}" for i in range(g[f"modules/{kind}/cls"].shape[1])]
+    assert fs.select_tap("main") is fs and fs.select_tap(None) is fs
+    for kinds, arrays in (("cls+ap", ("cls", "ap")), ("mean", ("mean",))):
+        spec = TokenSpec(kinds=kinds, normalise="none")
+        want = np.stack([g[f"modules/{kind}/{a}"][...][ROWS, layer] for layer in range(len(tap.layer_names))
+                         for a in arrays], axis=1).astype(np.float32)
+        np.testing.assert_array_equal(tap.tokens(ROWS, spec), want)
+    with pytest.raises(ProbeError) as e:
+        fs.tokens(ROWS, TokenSpec(kinds="mean"))
+    assert str(e.value) == "token kind 'mean' (all tokens) exists for module taps only; choose a --tap"
+    with pytest.raises(ProbeError) as e:
+        tap.tokens(ROWS, TokenSpec(patches=True))
+    assert str(e.value) == "this head needs last-layer patch tokens; extract with --patches"
+    with pytest.raises(ProbeError) as e:
+        fs.select_tap("no-such-tap")
+    assert str(e.value).startswith("unknown tap 'no-such-tap'") and kind in str(e.value)
+    arrays = FeatureSet.from_arrays(cls=np.zeros((2, 1, 3)), labels=[0, 1], meta={"taps": {"module_taps": {kind: []}}})
+    with pytest.raises(ProbeError) as e:
+        arrays.select_tap(kind)
+    assert str(e.value) == "module taps are read from a store; this feature set was built from arrays"
+
+
+@pytest.mark.parametrize("normalise", ["token", "across-tokens"])
+def test_tiny_tokens_normalise_to_unit_length_and_zero_ones_stay_zero(normalise):
+    """Normalising divides by the norm itself down to 1e-12 (a token of norm 1e-7 still becomes a unit vector);
+    an all-zero token stays zero rather than becoming NaN."""
+    rng = np.random.default_rng(3)
+    cls = rng.normal(size=(4, 2, 5)).astype(np.float32)
+    cls[1] *= 1e-7
+    cls[2] = 0
+    fs = FeatureSet.from_arrays(cls=cls, labels=[0, 1, 0, 1])
+    got = fs.tokens(np.arange(4), TokenSpec(kinds="cls", normalise=normalise))
+    np.testing.assert_allclose(got, reference(cls, cls, None, np.arange(4), [0, 1], ["cls"], normalise=normalise),
+                               rtol=1e-5, atol=1e-6)
+    axis = 2 if normalise == "token" else 1
+    np.testing.assert_allclose(np.linalg.norm(got[1], axis=axis - 1), 1.0, rtol=1e-5)
+    assert (got[2] == 0).all()
