@@ -3,6 +3,7 @@ the filesystem options, the one-line explanations of client errors, and the read
 against a real S3 server is tests/test_s3.py.)"""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -128,6 +129,12 @@ def test_access_error_raises_only_for_remote_paths():
     F.access_error("s3://b/x.zarr", ValueError("not an access problem"))
     with pytest.raises(F.StoreError, match=r"no credentials found .*\[s3://b/x.zarr\]$"):
         F.access_error("s3://b/x.zarr", NoCredentialsError())
+    # the store's URL names the bucket where the service's answer does not
+    with pytest.raises(F.StoreError) as e:
+        F.access_error("s3://lab-z/f/x.zarr", FileNotFoundError("The specified bucket does not exist"))
+    assert str(e.value) == ("object storage: the bucket 'lab-z' does not exist (create it, or check the URL and "
+                            f"{os.environ.get('AWS_ENDPOINT_URL_S3') or os.environ.get('AWS_ENDPOINT_URL') or 'the S3 endpoint'}) "
+                            "[s3://lab-z/f/x.zarr]")
 
 
 def test_read_ahead_setting(monkeypatch):

@@ -205,6 +205,7 @@ def test_spans_and_rows():
     assert F._rows([(0, 4), (5, 6)]) == "0-3, 5"
     assert F._rows([(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]) == "0, 2, 4 and 2 more ranges"
     assert F._rows([(0, 2), (3, 4), (5, 7)]) == "0-1, 3, 5-6"
+    assert F._rows([(0, 2), (3, 4), (5, 7), (9, 10)]) == "0-1, 3, 5-6 and 1 more ranges"
     assert F._count(1, "row") == "1 row" and F._count(0, "row") == "0 rows" and F._count(2, "row") == "2 rows"
 
 
