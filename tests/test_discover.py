@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import time
 
+import numpy as np
 import pytest
 import zarr
 
@@ -338,3 +339,40 @@ def test_run_heads_incomplete_stores_and_a_local_cache_dir(digits_stores, tmp_pa
     assert not (tmp_path / "cache").exists()
     assert cached["test_balanced_accuracy"] == rec["test_balanced_accuracy"]
     assert cached["train_store"] == str(pair.train)
+
+
+def test_run_heads_several_seeds_attention_and_saved_probes(digits_stores, tmp_path):
+    """seeds=2 from seed 3: each seed's figures equal fitting with that seed alone; the record holds their mean and
+    spread; the attention written is the mean over seeds of each probe's attention on the test set (per image,
+    averaged over heads); each seed's probe is saved and loads back to the same predictions; `on_result` sees
+    each record as it is written."""
+    from probes.fitting import FittedProbe, fit
+    from probes.runner import run_heads
+
+    for s in ("train", "test"):
+        put(digits_stores, tmp_path, f"r/{s}.zarr", s)
+    (pair,) = discover(tmp_path / "r")
+    seen = []
+    recs = run_heads(pair, ["linear", "alf"], TINY, tmp_path / "out", seed=3, seeds=2, progress=False,
+                     on_result=seen.append)
+    assert seen == recs and [r["head"] for r in recs] == ["linear", "alf"]
+    train, test = FeatureSet.open(pair.train), FeatureSet.open(pair.test)
+    d = tmp_path / "out" / "digits" / "local-tiny"
+    for rec in recs:
+        h = rec["head"]
+        alone = [fit(train, h, protocol=TINY, seed=s, progress=False) for s in (3, 4)]
+        scores = [p.balanced_accuracy(test) for p in alone]
+        assert rec["seeds"] == [3, 4] and rec["n_seeds"] == 2
+        assert [r["test_balanced_accuracy"] for r in rec["per_seed"]] == pytest.approx(scores, abs=1e-9)
+        assert rec["test_balanced_accuracy"] == pytest.approx(np.mean(scores), abs=1e-9)
+        assert rec["test_balanced_accuracy_std"] == pytest.approx(np.std(scores, ddof=1), abs=1e-9)
+        for s, probe in zip((3, 4), alone):
+            saved = FittedProbe.load(d / (f"{h}_probe" if s == 3 else f"{h}_probe_seed{s}"))
+            assert saved.balanced_accuracy(test) == pytest.approx(probe.balanced_accuracy(test), abs=1e-12)
+        if h == "alf":
+            want = np.mean([p.attention(test) for p in alone], axis=0).mean(axis=1)
+            got = np.load(d / "alf_attention.npz")
+            np.testing.assert_allclose(got["per_image"], want, rtol=1e-5, atol=1e-7)
+            assert list(got["token_names"]) == rec["token_names"]
+        else:
+            assert not (d / f"{h}_attention.npz").exists()
