@@ -118,7 +118,7 @@ def find_stores(root: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.rglob("*.zarr") if p.is_dir()] + [p for p in root.rglob("*.h5") if p.is_file()]
-    return sorted(found)
+    return sorted(found, key=str)  # the order of their names, as on object storage
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -634,11 +634,17 @@ def zarr_store(path, read_only: bool):
 
 
 def _find_remote_stores(root, max_depth: int = 6) -> list:
-    """Every `*.zarr` prefix under a remote root, by delimiter listings that never descend into a store (a
-    store holds thousands of chunk objects; the root's listing stays one request per folder)."""
+    """Every `*.zarr` prefix under a remote root, in the order of their names."""
     root = location(root)
-    fs = root.fs
-    found, todo = [], [(root.path.rstrip("/"), 0)]
+    return [root / name for name in _store_names(root.fs, root.path, max_depth)]
+
+
+def _store_names(fs, base: str, max_depth: int = 6) -> list[str]:
+    """The names (relative to base) of the `*.zarr` folders under base on an fsspec filesystem, up to max_depth
+    folders down, sorted: by delimiter listings that never descend into a store (a store holds thousands of
+    chunk objects; the root's listing stays one request per folder)."""
+    base = base.rstrip("/")
+    found, todo = [], [(base, 0)]
     while todo:
         key, depth = todo.pop()
         try:
@@ -650,10 +656,10 @@ def _find_remote_stores(root, max_depth: int = 6) -> list:
             if e.get("type") != "directory":
                 continue
             if name.endswith(".zarr"):
-                found.append(root / name[len(root.path.rstrip("/")) + 1:])
+                found.append(name[len(base) + 1:])
             elif depth < max_depth:
                 todo.append((name, depth + 1))
-    return sorted(found, key=str)
+    return sorted(found)
 
 
 def size_of(path) -> int:
@@ -661,7 +667,7 @@ def size_of(path) -> int:
     p = location(path)
     if not is_remote(p):
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-    return int(p.fs.du(p.path, total=True))
+    return int(p.fs.du(p.path))  # (fsspec's du totals by default)
 
 
 def _mirror(path, cache_dir, meta: dict) -> Path:
@@ -670,7 +676,7 @@ def _mirror(path, cache_dir, meta: dict) -> Path:
     chunk checksums and creation time, so a store re-extracted in the bucket is fetched again. The copy is
     built beside its final name and renamed into place, so a killed fetch leaves no half copy in use."""
     p = location(path)
-    ident = json.dumps([str(p), meta.get("created_at"), meta.get("chunk_checksums")], sort_keys=True)
+    ident = json.dumps([str(p), meta.get("created_at"), meta.get("chunk_checksums")])
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     dest = Path(cache_dir) / f"{digest}-{p.name}"
     if (dest / "zarr.json").is_file():
@@ -679,17 +685,19 @@ def _mirror(path, cache_dir, meta: dict) -> Path:
     tmp = dest.with_name(dest.name + f".partial{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        p.fs.get(p.path.rstrip("/") + "/", str(tmp) + "/", recursive=True)
+        p.fs.get(p.path + "/", str(tmp) + "/", recursive=True)  # (a UPath's path has no trailing slash)
+        if not (tmp / "zarr.json").is_file():  # the store went away meanwhile: no empty copy is put in place
+            raise StoreError(f"store '{path}' could not be copied to '{cache_dir}': its zarr.json is gone")
         for stale in tmp.glob("alf_progress*.json"):
             stale.unlink()
         if dest.exists():  # a copy without its zarr.json (emptied by hand or a disk fault): not a copy to keep
             shutil.rmtree(dest)
         os.replace(tmp, dest)
-    except OSError as e:
+    except (OSError, StoreError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if (dest / "zarr.json").is_file():  # lost a race to an identical copy put in place meanwhile
+        if isinstance(e, OSError) and (dest / "zarr.json").is_file():  # lost a race to an identical copy
             return dest
-        raise e
+        raise
     return dest
 
 
@@ -720,12 +728,13 @@ def explain(exc: BaseException, remote: bool = True, path=None) -> str | None:
         # the service names the bucket in its answer (botocore's ClientError.response); else the URL does
         answers = (getattr(e, "response", None) for e in _chain(exc))
         name = next((a["Error"]["BucketName"] for a in answers if isinstance(a, dict)
-                     and "BucketName" in a.get("Error", {})), None)
+                     and "BucketName" in a.get("Error", ())), None)
         if name is None and path is not None and is_remote(path):
-            name = str(path).split("://", 1)[1].split("/")[0]
+            name = str(path).partition("://")[2].partition("/")[0]
         which = f" '{name}'" if name else ""
         return f"object storage: the bucket{which} does not exist (create it, or check the URL and {endpoint})"
-    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionClosedError",
+    # (botocore's ConnectTimeoutError is a ConnectionError whose message says "Connect timeout": the last rule)
+    if names & {"EndpointConnectionError", "ClientConnectorError", "ConnectionClosedError",
                 "ReadTimeoutError", "ServerDisconnectedError", "FSTimeoutError"} or (
             "ConnectionError" in names and said("Connect")):
         attempts = os.environ.get(ENV_RETRIES, "8")

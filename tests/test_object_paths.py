@@ -73,6 +73,12 @@ def client_error(code: str, message: str, op: str = "PutObject", **extra):
     return ClientError({"Error": {"Code": code, "Message": message, **extra}}, op)
 
 
+def client_error_raw(response: dict, op: str = "HeadObject"):
+    from botocore.exceptions import ClientError
+
+    return ClientError(response, op)
+
+
 def raised_from(outer: BaseException, cause: BaseException) -> BaseException:
     try:
         try:
@@ -211,6 +217,24 @@ def tree(base: Path) -> dict[str, bytes]:
     return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
 
 
+def test_remote_listing_through_fsspecs_local_filesystem(tmp_path):
+    """The same listing through fsspec's local filesystem (its `ls` lists names unless asked for details, and
+    lists files and folders in the directory's own order): the stores only, in the order of their names - the
+    order find_stores gives for a local folder."""
+    import fsspec
+
+    for key in ["a/x.zarr/zarr.json", "a-b/x.zarr/zarr.json", "a/f1", "a/f2.zarr", "a/z.zarr/zarr.json",
+                "a/y/w.zarr/zarr.json", "0.txt", "a-b/k/f"]:
+        (tmp_path / "r" / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "r" / key).write_text("{}")
+    fs = fsspec.filesystem("file")
+    rel = F._store_names(fs, str(tmp_path / "r"))
+    assert rel == ["a-b/x.zarr", "a/x.zarr", "a/y/w.zarr", "a/z.zarr"]
+    assert F._store_names(fs, str(tmp_path / "r") + "/", max_depth=1) == ["a-b/x.zarr", "a/x.zarr", "a/z.zarr"]
+    assert F._store_names(fs, str(tmp_path / "nothing")) == []
+    assert [str(p.relative_to(tmp_path / "r")) for p in F.find_stores(tmp_path / "r")] == rel
+
+
 def test_remote_listing_finds_stores_without_entering_them(bucket):
     """Every *.zarr folder under the root, at any depth up to 6 folders below it, sorted; a store inside a store,
     a file named like a store and folders deeper than 6 are not stores of the root; a missing root has none."""
@@ -254,24 +278,27 @@ def test_read_through_copy_is_whole_named_by_identity_and_reused(bucket, tmp_pat
     fs.put(str(local), f"/{name}/f/d/m/train.zarr", recursive=True)
     fs.pipe(f"/{name}/f/d/m/train.zarr/alf_progress.json", b"{}")
     fs.pipe(f"/{name}/f/d/m/train.zarr/alf_progress-7.json", b"{}")
-    cache = tmp_path / "cache"
-    ident = json.dumps([str(F.location(url)), "t0", ["a", "b"]], sort_keys=True)
+    cache = tmp_path / "not" / "yet" / "cache"  # made as needed, parents included
+    ident = json.dumps([str(F.location(url)), "t0", ["a", "b"]])
     want = cache / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}-train.zarr"
     (cache / (want.name + ".partial999999")).mkdir(parents=True)  # another process's: not ours, left alone
     mine = cache / (want.name + f".partial{__import__('os').getpid()}")
-    (mine / "junk").mkdir(parents=True)  # a killed fetch of this process id: replaced
+    mine.mkdir(parents=True)
+    (mine / "junk.bin").write_bytes(b"half")  # a killed fetch of this process id: replaced
     got = F.mirror_store(url, cache)
     assert got == want
     assert tree(got) == tree(local) and "alf_progress.json" not in tree(got)
     assert not mine.exists() and sorted(p.name for p in cache.iterdir()) == sorted([want.name, want.name + ".partial999999"])
     assert F.read_metadata(got)["chunk_checksums"] == ["a", "b"]
+    first = tree(got)
     # unchanged: the copy is reused without reading the bucket
     fs.rm(f"/{name}/f", recursive=True)
-    assert F.mirror_store(url, cache, meta=F.read_metadata(got)) == want
+    assert F.mirror_store(url, cache, meta=F.read_metadata(got)) == want and tree(want) == first
     # re-extracted (new checksums): a new copy under a new name
     small_store(local, chunk_checksums=["c", "d"])
     fs.put(str(local), f"/{name}/f/d/m/train.zarr", recursive=True)
     again = F.mirror_store(url, cache)
+    assert tree(want) == first, "the old copy is left as it was"
     assert again != want and again.name.endswith("-train.zarr") and tree(again) == tree(local)
     assert F.read_metadata(again)["chunk_checksums"] == ["c", "d"]
     # a copy without its zarr.json (a torn copy by hand) is not taken for a copy
@@ -315,6 +342,9 @@ def failures():
          "object storage: the bucket 'lab-y' does not exist (create it, or check the URL and the S3 endpoint)"),
         ("no bucket, unnamed", client_error("NoSuchBucket", "gone"),
          "object storage: the bucket does not exist (create it, or check the URL and the S3 endpoint)"),
+        ("no bucket, an answer without its error", raised_from(FileNotFoundError("The bucket does not exist"),
+                                                              client_error_raw({"ResponseMetadata": {}})),
+         "object storage: the bucket does not exist (create it, or check the URL and the S3 endpoint)"),
         ("no bucket, in other words", FileNotFoundError("The specified Bucket does not exist"),
          "object storage: the bucket does not exist (create it, or check the URL and the S3 endpoint)"),
         ("endpoint down", bx.EndpointConnectionError(endpoint_url="http://x:1"), down),
@@ -336,12 +366,12 @@ def failures():
     ]
 
 
-@pytest.mark.parametrize("i", range(22))
+@pytest.mark.parametrize("i", range(23))
 def test_explain_each_failure_in_its_own_words(i, monkeypatch):
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "ALF_S3_RETRIES"):
         monkeypatch.delenv(var, raising=False)
     cases = failures()
-    assert len(cases) == 22
+    assert len(cases) == 23
     what, exc, line = cases[i]
     assert F.explain(exc) == line, what
     # the same failure re-raised by a wrapper (s3fs and zarr raise their own errors from the client's) reads the same
@@ -357,3 +387,76 @@ def test_explain_names_the_bucket_from_the_answer_before_the_url():
     assert "bucket 'from-url' does not exist" in F.explain(plain, path="s3://from-url/odd://key/x")
     assert "the bucket does not exist" in F.explain(plain, path="/local/features")
     assert "the bucket does not exist" in F.explain(plain, path=None)
+
+
+def remote_copy_of(fs, name: str, local: Path) -> str:
+    fs.put(str(local), f"/{name}/f/train.zarr", recursive=True)
+    return f"memory://{name}/f/train.zarr"
+
+
+def test_read_through_copy_failures_leave_no_copy(bucket, tmp_path, monkeypatch):
+    """A fetch that fails (the client's error, a local write error, the store gone meanwhile) leaves neither a
+    copy nor a half copy, and says what happened in one line where it is an access problem."""
+    from botocore.exceptions import NoCredentialsError
+
+    name, fs = bucket
+    url = remote_copy_of(fs, name, small_store(tmp_path / "src" / "train.zarr"))
+    cache = tmp_path / "cache"
+    meta = F.read_metadata(url)
+
+    def no_credentials(*a, **k):
+        raise NoCredentialsError()
+
+    with monkeypatch.context() as m:
+        m.setattr(type(fs), "get", no_credentials)
+        with pytest.raises(F.StoreError) as e:
+            F.mirror_store(url, cache)
+    assert str(e.value) == f"{NO_CREDENTIALS} [{url}]"
+    assert list(cache.iterdir()) == []
+    # a local write error (an object name too long for a local file): raised as it is, nothing kept
+    fs.pipe(f"/{name}/f/train.zarr/{'x' * 300}", b"an object no local disk can hold under its name")
+    with pytest.raises(OSError):
+        F.mirror_store(url, cache, meta)
+    assert list(cache.iterdir()) == []
+    # the store being deleted from the bucket after its metadata was read: no copy without zarr.json is put in
+    # place; once it is gone, the listing's error
+    fs.rm(f"/{name}/f/train.zarr/{'x' * 300}")
+    fs.rm(f"/{name}/f/train.zarr/zarr.json")
+    with pytest.raises(F.StoreError) as e:
+        F.mirror_store(url, cache, meta)
+    assert str(e.value) == f"store '{url}' could not be copied to '{cache}': its zarr.json is gone"
+    assert list(cache.iterdir()) == []
+    fs.rm(f"/{name}/f", recursive=True)
+    with pytest.raises(FileNotFoundError):
+        F.mirror_store(url, cache, meta)
+    assert list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("theirs_whole", [True, False])
+def test_read_through_copy_race(bucket, tmp_path, monkeypatch, theirs_whole):
+    """Another process puts the same copy in place while this one fetches: its whole copy is used and ours
+    dropped; a racing copy that is not whole (no zarr.json) is not used: the rename's error is raised."""
+    import os
+    import shutil
+
+    name, fs = bucket
+    local = small_store(tmp_path / "src" / "train.zarr")
+    url = remote_copy_of(fs, name, local)
+    cache = tmp_path / "cache"
+    real = os.replace
+
+    def theirs_first(src, dst):
+        if str(dst).endswith("-train.zarr"):
+            shutil.copytree(local, dst)
+            if not theirs_whole:
+                (Path(dst) / "zarr.json").unlink()
+        return real(src, dst)
+
+    monkeypatch.setattr(F.os, "replace", theirs_first)
+    if theirs_whole:
+        got = F.mirror_store(url, cache)
+        assert tree(got) == tree(local)
+    else:
+        with pytest.raises(OSError):
+            F.mirror_store(url, cache)
+    assert [p.name.endswith("-train.zarr") for p in cache.iterdir()] == [True], "no partial copy left"
