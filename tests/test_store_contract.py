@@ -517,9 +517,12 @@ def test_open_arrays_closes_an_hdf5_file(tmp_path, chunked_store):
     with h5py.File(path, "w") as f:
         f.attrs["alfcache"] = json.dumps(dict(g.attrs))
         f.create_dataset("labels", data=g["labels"][...])
+        f.create_dataset("sample_ids", data=np.asarray(g["sample_ids"][...], dtype=object), dtype=h5py.string_dtype())
     arrays = F.open_arrays(path)
     handle = arrays.handle
     assert handle.id.valid
+    ids = [str(s) for s in g["sample_ids"][...]]
+    assert arrays.ids() == ids and arrays.ids(1, 3) == ids[1:3] and all(isinstance(i, str) for i in arrays.ids(0, 2))
     arrays.close()
     assert not handle.id.valid
     with F.open_arrays(chunked_store) as z:
@@ -545,3 +548,35 @@ def test_write_atomic_on_object_storage():
     F.write_atomic(url, b"\x00\x01")
     assert F.location(url).read_bytes() == b"\x00\x01"
     assert [p.name for p in F.location(url).parent.iterdir()] == ["m.json"]
+
+
+def test_verify_store_checks_the_projection(store):
+    """A store that records the model's output projection (CLIP) verifies its weight and bias against their
+    checksums: changed or unreadable, it is damaged, named by the array."""
+    import zarr
+
+    rng = np.random.default_rng(0)
+    g = zarr.open_group(str(store), mode="r+")
+    arrays = {"projection/weight": rng.normal(size=(3, 32)).astype(np.float32),
+              "projection/bias": rng.normal(size=3).astype(np.float32)}
+    for name, a in arrays.items():
+        g.create_array(name, data=a)
+    set_meta(store, projection={"checksums": {n: F.array_checksum(a) for n, a in arrays.items()}})
+    assert F.verify_store(store) == 4
+    g["projection/bias"][1] = 0.5
+    with pytest.raises(StoreError) as e:
+        F.verify_store(store)
+    assert str(e.value) == f"store '{store}' is damaged: 'projection/bias' fails its checksum; re-extract it with --overwrite"
+    g["projection/bias"][...] = arrays["projection/bias"]
+    assert F.verify_store(store) == 4
+    chunk = store / "projection" / "weight" / "c" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:7])
+    try:
+        zarr.open_group(str(store), mode="r")["projection/weight"][...]
+        raise AssertionError("a truncated chunk decoded")
+    except Exception as x:  # noqa: BLE001
+        kind = type(x).__name__
+    with pytest.raises(StoreError) as e:
+        F.verify_store(store)
+    assert str(e.value) == (f"store '{store}' is damaged: 'projection/weight' cannot be read ({kind}); "
+                            f"re-extract it with --overwrite")
