@@ -459,18 +459,17 @@ def check_intact(path: str | Path, meta: dict, handle, chunks: bool = True) -> N
     for every chunk of its own chunk grid. A chunk with no data reads as fill values (zeros, label -1), so this
     holds whether or not checksums are verified. Decided from each array's own chunk grid, chunk key encoding
     and sharding against the keys really present in its store (Zarr), or from the allocated chunks (HDF5)."""
-    n = int(meta["num_samples"])
+    n, recorded = int(meta["num_samples"]), meta["arrays"]  # (required_arrays needs "arrays" too)
     for name in required_arrays(meta):
         try:
             arr = handle[name]
         except Exception as e:  # deleted or broken array metadata (zarr.json / HDF5 object header)
             raise damaged(path, f"array '{name}' is missing or its metadata cannot be read ({type(e).__name__})") from None
-        want = tuple(meta["arrays"][name]["shape"]) if name in meta.get("arrays", {}) else None
-        if name in ("labels", "sample_ids"):
-            want = (n,)
+        want = (n,) if name in ("labels", "sample_ids") else (
+            tuple(recorded[name]["shape"]) if name in recorded else None)  # (projection arrays: no record)
         if want is not None and tuple(arr.shape) != want:
             raise damaged(path, f"array '{name}' has shape {tuple(arr.shape)}, its metadata says {want}")
-        dtype = meta.get("arrays", {}).get(name, {}).get("dtype")
+        dtype = recorded.get(name, {}).get("dtype")
         if dtype is not None and np.dtype(arr.dtype) != np.dtype(dtype):
             raise damaged(path, f"array '{name}' holds {np.dtype(arr.dtype)}, its metadata says {dtype}")
         if not chunks:

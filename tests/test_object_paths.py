@@ -460,3 +460,86 @@ def test_read_through_copy_race(bucket, tmp_path, monkeypatch, theirs_whole):
         with pytest.raises(OSError):
             F.mirror_store(url, cache)
     assert [p.name.endswith("-train.zarr") for p in cache.iterdir()] == [True], "no partial copy left"
+
+
+def test_read_through_copy_reuse_makes_no_request_and_makes_its_folder(bucket, tmp_path, monkeypatch):
+    """A copy in place is used without a single request to the bucket (not refetched and dropped); the cache
+    folder is made with its parents; a fetch that fails before writing anything raises its own error (not one
+    from cleaning up a temporary folder that never existed)."""
+    name, fs = bucket
+    local = small_store(tmp_path / "src" / "train.zarr")
+    url = remote_copy_of(fs, name, local)
+    cache = tmp_path / "a" / "b" / "cache"
+    got = F.mirror_store(url, cache)
+    assert tree(got) == tree(local)
+    meta = F.read_metadata(got)
+
+    def no_requests(*a, **k):
+        raise AssertionError("the bucket was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(type(fs), "get", no_requests)
+        assert F.mirror_store(url, cache, meta) == got
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    other = tmp_path / "other"
+    with monkeypatch.context() as m:
+        m.setattr(type(fs), "get", disk_full)
+        with pytest.raises(OSError) as e:
+            F.mirror_store(url, other, meta)
+    assert e.value.errno == 28 and list(other.iterdir()) == []
+
+
+def test_store_names_depth_vanished_folders_and_folder_names(bucket, monkeypatch):
+    """The listing walk: stores up to max_depth folders below the base (default 6), a folder that vanished between
+    two listings skipped without ending the walk, folder names with or without a trailing slash (filesystems
+    differ), names ending in X kept whole."""
+    name, fs = bucket
+    for key in ["1/2/3/4/5/6/deep.zarr/zarr.json", "1/2/3/4/5/6/7/deeper.zarr/zarr.json", "a/b/two.zarr/zarr.json",
+                "a/b/c/three.zarr/zarr.json", "dataX/in.zarr/zarr.json", "zz/gone.zarr/zarr.json"]:
+        fs.pipe(f"/{name}/rX/{key}", b"{}")
+    base = f"/{name}/rX"
+    assert F._store_names(fs, base + "/") == ["1/2/3/4/5/6/deep.zarr", "a/b/c/three.zarr", "a/b/two.zarr",
+                                              "dataX/in.zarr", "zz/gone.zarr"]
+    assert F._store_names(fs, base, max_depth=2) == ["a/b/two.zarr", "dataX/in.zarr", "zz/gone.zarr"]
+    real = type(fs).ls
+
+    def slash_named(self, path, detail=True, **kw):
+        out = real(self, path, detail=detail, **kw)
+        return [dict(e, name=e["name"] + "/") if e["type"] == "directory" else e for e in out]
+
+    with monkeypatch.context() as m:
+        m.setattr(type(fs), "ls", slash_named)
+        assert F._store_names(fs, base, max_depth=2) == ["a/b/two.zarr", "dataX/in.zarr", "zz/gone.zarr"]
+
+    def vanishing(self, path, detail=True, **kw):  # 'zz' (listed last, walked first) deleted once listed
+        out = real(self, path, detail=detail, **kw)
+        if path.rstrip("/") == base:
+            fs.rm(f"{base}/zz", recursive=True)
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(type(fs), "ls", vanishing)
+        assert F._store_names(fs, base, max_depth=2) == ["a/b/two.zarr", "dataX/in.zarr"]
+
+
+def test_verify_store_on_object_storage_says_when_access_fails(bucket, monkeypatch, digits_stores):
+    """A chunk that cannot be read because the service refuses access is not 'corrupted': verify_store raises
+    the access line, naming the store."""
+    name, fs = bucket
+    fs.put(str(digits_stores["test"]), f"/{name}/v/test.zarr", recursive=True)
+    url = f"memory://{name}/v/test.zarr"
+    assert F.verify_store(url) == len(F.read_metadata(url)["chunk_checksums"])
+    real = type(fs).cat_file
+
+    def denied(self, path, *a, **k):
+        if "/labels/c/" in path:
+            raise PermissionError(13, "Forbidden", path)
+        return real(self, path, *a, **k)
+
+    monkeypatch.setattr(type(fs), "cat_file", denied)
+    with pytest.raises(F.StoreError) as e:
+        F.verify_store(url)
+    assert str(e.value).startswith("object storage: access denied '") and str(e.value).endswith(f"[{url}]")

@@ -580,3 +580,54 @@ def test_verify_store_checks_the_projection(store):
         F.verify_store(store)
     assert str(e.value) == (f"store '{store}' is damaged: 'projection/weight' cannot be read ({kind}); "
                             f"re-extract it with --overwrite")
+
+
+def test_check_intact_holds_labels_and_ids_to_the_sample_count(store):
+    """labels and sample ids must have one entry per sample (num_samples), whatever their own metadata says; an
+    array whose metadata cannot be read is named with the error's type."""
+    import zarr
+
+    meta = F.read_metadata(store)
+    F.check_intact(store, meta, zarr.open_group(str(store), mode="r"))
+    for name in ("labels", "sample_ids"):
+        g = zarr.open_group(str(store), mode="r+")
+        g[name].resize((451,))
+        with pytest.raises(StoreError) as e:
+            F.check_intact(store, meta, zarr.open_group(str(store), mode="r"))
+        assert f"array '{name}' has shape (451,), its metadata says (450,)" in str(e.value)
+        g[name].resize((450,))
+    F.check_intact(store, meta, zarr.open_group(str(store), mode="r"))
+    (store / "labels" / "zarr.json").unlink()
+    g = zarr.open_group(str(store), mode="r")
+    with pytest.raises(Exception) as raised:
+        g["labels"]
+    with pytest.raises(StoreError) as e:
+        F.check_intact(store, meta, g)
+    assert (f"array 'labels' is missing or its metadata cannot be read ({type(raised.value).__name__})"
+            in str(e.value)) and type(raised.value).__name__ != "NoneType"
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_zarr_unwritten_on_any_array_layout(tmp_path, zarr_format):
+    """Rows without stored data, read off the keys present, for arrays of either Zarr version (version 2 has no
+    codec list), at a store's root (no path prefix), with a dimension of length 1; a scalar or an empty array
+    has none."""
+    import zarr
+
+    root = zarr.create_array(str(tmp_path / "root"), shape=(6, 1), chunks=(2, 1), dtype="f4", fill_value=0,
+                             zarr_format=zarr_format)
+    root[:] = 1
+    assert root.path == "" and F._zarr_unwritten(root) == []
+    g = zarr.open_group(str(tmp_path / "g"), mode="w", zarr_format=zarr_format)
+    a = g.create_array("x", shape=(6, 1), chunks=(2, 1), dtype="f4", fill_value=0)
+    a[:] = 1
+    assert F._zarr_unwritten(a) == []
+    key = "x/1.0" if zarr_format == 2 else "x/c/1/0"
+    (tmp_path / "g" / key).unlink()
+    assert F._zarr_unwritten(a) == [(2, 4)]
+    (tmp_path / "root" / ("2.0" if zarr_format == 2 else "c/2/0")).unlink()
+    assert F._zarr_unwritten(root) == [(4, 6)]
+    s = g.create_array("s", shape=(), dtype="f4", fill_value=0)
+    assert F._zarr_unwritten(s) == []
+    e = g.create_array("e", shape=(0, 3), chunks=(2, 3), dtype="f4", fill_value=0)
+    assert F._zarr_unwritten(e) == []
