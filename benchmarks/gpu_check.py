@@ -21,7 +21,8 @@ def main(n=1024, L=6, D=64, C=5, steps=40, batch=128) -> int:
     # lr 0.1 is left out: at that rate ALF training is chaotic, and one rounding difference (the CPU's BLAS rounds
     # by the alignment of a configuration's slice) grows into different logits, on any device
     grid = [c for c in g.configs(with_dropout=False) if c["lr"] <= 1e-2][::2][:6]
-    cuda = torch.device("cuda" if torch.cuda.is_available() else "cpu"); cpu = torch.device("cpu")
+    cuda = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # (a CPU-only run checks the script itself)
+    cpu = torch.device("cpu")
     worst = 0.0
     for head in ("linear", "alf"):
         spec = HEADS[head]
