@@ -58,6 +58,7 @@ def test_cka_detects_planted_linear_relation():
 
 
 @pytest.mark.timeout(1200)  # three runs of the mini study; minutes on a busy 2-core machine
+@pytest.mark.long
 def test_reproduce_mini_end_to_end(tmp_path):
     """`make reproduce-mini`: two local models x digits, report with resolving links; rerun is a no-op. Two of its
     four heads (the linear and the ALF kind; the others are the same code with other token selections) keep the
@@ -87,6 +88,7 @@ def test_reproduce_mini_end_to_end(tmp_path):
     # idempotent: a rerun finds every pair done from its markers, stores and result files, and runs no task
     p2 = subprocess.run(make, capture_output=True, text=True, env=env, timeout=900)
     assert p2.returncode == 0
+    assert "build-random-model" in p.stdout and "build-random-model" not in p2.stdout  # models built once
     assert "done: 0 heads trained now; 2 of 2 pair(s) were already done" in p2.stdout
     assert "written" not in p2.stdout and "running" not in p2.stdout and "the report is up to date" in p2.stdout
     # a deleted result file is found missing and only that head is trained again
@@ -110,6 +112,7 @@ def test_reproduce_says_upfront_what_it_cannot_reach(tmp_path):
     assert "HF_HUB_OFFLINE=1" in p.stderr and "reproduce-mini" in p.stderr
 
 
+@pytest.mark.long
 def test_reproduce_goes_on_past_a_failing_pair(tiny_model, tmp_path):
     from conftest import run_alf, write_image_folder
 

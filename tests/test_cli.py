@@ -2,6 +2,7 @@
 import csv
 import json
 
+import pytest
 
 from conftest import run_alf
 
@@ -18,6 +19,7 @@ def test_models_table_lists_registry():
     assert " 257 " in dino  # the paper's 224 px input: 1 + 16*16 tokens
 
 
+@pytest.mark.long
 def test_extract_ls_probe_end_to_end(tiny_model, tmp_path):
     feats, res = tmp_path / "features", tmp_path / "results"
     p = run_alf("extract", "--model", f"local-dir:{tiny_model}", "--dataset", "digits", "--out", feats,

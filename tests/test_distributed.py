@@ -29,6 +29,7 @@ def _torchrun(args, port, env):
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "h5"])
+@pytest.mark.long
 def test_two_ranks_equal_one_process_and_resume(tiny_model, tmp_path, fmt):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     base = ["--model", str(tiny_model), "--dataset", "digits", "--split", "train", "--workers", "0",
@@ -71,6 +72,7 @@ def test_two_ranks_equal_one_process_and_resume(tiny_model, tmp_path, fmt):
     assert c.meta["chunk_checksums"] == b.meta["chunk_checksums"]
 
 
+@pytest.mark.long
 def test_probe_grid_spread_over_two_ranks_equals_one_process(digits_stores, tmp_path):
     """`alf probe --distributed` under torchrun: each rank trains half of the grid, scores are gathered, the
     same configuration wins and only rank 0 writes. Every configuration sees the same batches, noise and draws

@@ -37,6 +37,7 @@ def test_hub_model_offline_fails_in_one_line(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.long
 def test_lock_refuses_second_writer_and_recovers_stale(tiny_model, tmp_path):
     store = tmp_path / "digits" / "local-tiny" / "test.zarr"
     store.parent.mkdir(parents=True)
@@ -59,6 +60,7 @@ def test_lock_refuses_second_writer_and_recovers_stale(tiny_model, tmp_path):
     assert read_metadata(store)["complete"]
 
 
+@pytest.mark.long
 def test_different_weights_into_existing_store_refused(tmp_path):
     from alfcache.backbones import build_random_model
 
@@ -77,6 +79,7 @@ def test_different_weights_into_existing_store_refused(tmp_path):
     assert not np.array_equal(np.asarray(FeatureSet.open(store).cls[:]), before)
 
 
+@pytest.mark.long
 def test_corrupt_image_named_then_skipped_on_request(tiny_model, tmp_path):
     root = write_image_folder(tmp_path / "imgs")
     bad = root / "train" / "dog" / "005.png"

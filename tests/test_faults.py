@@ -70,6 +70,7 @@ def test_enospc_mid_write_keeps_durable_chunks_and_resumes(tiny_model, tmp_path,
     assert verify_store(store) == res.chunks_total
 
 
+@pytest.mark.long
 def test_real_small_filesystem(tiny_model, tmp_path):
     """A 40 KB filesystem is refused up front; on a 1 MB one the disk fills mid-run, then space comes back."""
     with mounted_tmpfs(tmp_path / "tiny_fs", "size=40k") as fs:

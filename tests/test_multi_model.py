@@ -17,7 +17,7 @@ from alfcache.loader import segments
 from conftest import ROOT
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: its long test runs first, the others later (conftest)
 def three_models(tmp_path_factory):
     """Three random-weight models of two families with three preprocessings: timm ViT 16 px bicubic, timm ViT
     24 px bilinear with other mean/std and a 0.75 crop, transformers CLIP 32 px."""
@@ -151,6 +151,7 @@ def _done(store) -> int:
         return 0
 
 
+@pytest.mark.long
 def test_kill_then_resume_every_store_at_its_own_chunk(three_models, tmp_path):
     """SIGKILL a three-model pass while its stores are at different chunks, rerun: each store resumes at its own
     first missing chunk and ends equal to a single-model run."""

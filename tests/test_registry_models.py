@@ -52,7 +52,7 @@ def reference_transform(family: str):
     return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(*IMAGENET)])  # thingsvision default
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: its long test runs first, the others later (conftest)
 def hub(tmp_path_factory):
     """A hub cache with random weights under the real repo ids of one model per family, and the paper's
     `dtd` dataset as a web dataset of a few real photographs."""
@@ -148,6 +148,7 @@ def test_transforms_equal_the_authors(hub, monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.long
 def test_extracted_tokens_equal_the_authors_pipeline(hub, tmp_path, name):
     """`alf extract --model <short name> --dataset <paper name>` offline from the cache: the stored tokens equal
     the authors' pipeline to float16 precision."""

@@ -22,6 +22,7 @@ def _done_chunks(store, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "h5"])
+@pytest.mark.long
 def test_sigkill_then_resume_is_identical(tiny_model, tmp_path, fmt):
     args = [sys.executable, str(ROOT / "cli.py"), "extract", "--model", str(tiny_model), "--dataset", "digits",
             "--split", "train", "--workers", "0", "--batch-size", "4", "--chunk-rows", "48", "--format", fmt]

@@ -115,6 +115,7 @@ def wait_for_chunks(server, bucket, key, n, proc, timeout=120) -> int:
 
 
 # ------------------------------------------------------------------------------------------ the main path
+@pytest.mark.long
 def test_extract_into_a_bucket_and_probe_from_it(s3, tiny_model, digits_stores, tmp_path):
     server, bucket = s3
     root = f"{bucket}/features"
@@ -150,6 +151,7 @@ def test_extract_into_a_bucket_and_probe_from_it(s3, tiny_model, digits_stores, 
     assert "layer" in layers_md.read_text() and "report:" in rep.stdout
 
 
+@pytest.mark.long
 def test_cache_dir_reads_a_local_copy_once(s3, tiny_model, digits_stores, tmp_path):
     """--cache-dir: the first open copies the store (verified against its checksums), later opens read the copy
     without the server; a store re-extracted in the bucket is copied again."""
@@ -174,6 +176,7 @@ def test_cache_dir_reads_a_local_copy_once(s3, tiny_model, digits_stores, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------ crash safety
+@pytest.mark.long
 def test_kill_9_mid_extraction_resumes_to_identical_arrays(s3, tiny_model, local_small_chunks):
     server, bucket = s3
     root = f"{bucket}/k"
@@ -199,6 +202,7 @@ def test_kill_9_mid_extraction_resumes_to_identical_arrays(s3, tiny_model, local
     assert not [k for k in keys if k.endswith(".lock") or "alf_progress" in k], keys
 
 
+@pytest.mark.long
 def test_server_stopped_mid_run_is_one_line_and_resume_works_later(s3, tiny_model, local_small_chunks):
     server, bucket = s3
     root = f"{bucket}/s"
@@ -293,6 +297,7 @@ def test_no_bucket_and_no_credentials_are_one_line(s3, tiny_model, tmp_path):
     assert "no credentials" in one_error_line(p)
 
 
+@pytest.mark.long
 def test_a_bucket_the_credentials_may_not_write_is_refused(s3, tiny_model, digits_stores):
     """IAM enforced by the server: a user allowed to read the bucket only. Extraction is refused before any model
     loads; probing (reading) from it works."""

@@ -52,6 +52,7 @@ def _marker(root: Path, stage: str, dataset: str, model_dir: Path) -> dict:
     return state.read(state.marker(root, stage, dataset, f"local-dir:{model_dir}")) or {}
 
 
+@pytest.mark.long
 def test_study_on_slurm_equals_one_process_and_a_failing_pair_fails_alone(slurm, tmp_path):
     from alfcache.backbones import build_random_model
 
@@ -106,6 +107,7 @@ def _in_queue(job: str) -> bool:
     return p.returncode == 0 and bool(p.stdout.strip())
 
 
+@pytest.mark.long
 def test_preempted_and_cancelled_extraction_resumes_to_the_same_stores(slurm, tmp_path):
     """A model slow enough (~20 s on one core, six chunks of train) to be interrupted twice mid-extraction: preempted (USR2, as Slurm
     signals before a time limit or preemption) it is requeued by submitit and resumes; then cancelled (scancel) it

@@ -21,7 +21,7 @@ ARRAYS = {"labels": "labels/c/1", "sample_ids": "sample_ids/c/1", "cls": "cls/c/
           "modules/ffn_fc1/cls": "modules/ffn_fc1/cls/c/1/0/0"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: its long test runs first, the others later (conftest)
 def full_store(tmp_path_factory):
     """A complete test-split store with every optional array: patches, registers (2 per layer), module taps;
     64-row chunks."""
@@ -186,6 +186,7 @@ def test_hdf5_unwritten_chunks_are_refused(full_store, tmp_path):
     _damaged(lambda: FeatureSet.open(path), "'cls'", "rows 64-127")
 
 
+@pytest.mark.long
 def test_cli_refuses_damaged_stores_in_one_line(full_store, tmp_path):
     """Both cases of the report: a deleted chunk file under --no-verify, a deleted array metadata; `probe`,
     `report`, `ls` and `verify` name the store in one line, nothing is trained or written."""

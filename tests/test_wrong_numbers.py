@@ -22,6 +22,7 @@ def _extract(model, dataset, split, out, cwd=None, *extra):
     return p
 
 
+@pytest.mark.long
 def test_same_typed_name_from_two_folders_is_not_a_pair(tiny_model, tmp_path):
     """`imagefolder:ds` typed in two working folders names two datasets: their train and test are refused as a
     pair (the error names both sources); each folder's own pair probes normally."""
