@@ -412,6 +412,7 @@ def verify_store(path: str | Path, progress: bool = False, opened: StoreArrays |
                 try:
                     got = array_checksum(np.asarray(arrays[name][...]))
                 except Exception as e:
+                    _raise_access(path, e)
                     raise damaged(path, f"'{name}' cannot be read ({type(e).__name__})") from None
                 if got != proj["checksums"][name]:
                     raise damaged(path, f"'{name}' fails its checksum")
@@ -464,6 +465,7 @@ def check_intact(path: str | Path, meta: dict, handle, chunks: bool = True) -> N
         try:
             arr = handle[name]
         except Exception as e:  # deleted or broken array metadata (zarr.json / HDF5 object header)
+            _raise_access(path, e)
             raise damaged(path, f"array '{name}' is missing or its metadata cannot be read ({type(e).__name__})") from None
         want = (n,) if name in ("labels", "sample_ids") else (
             tuple(recorded[name]["shape"]) if name in recorded else None)  # (projection arrays: no record)

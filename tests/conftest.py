@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -42,13 +43,43 @@ def run_alf(*args, env=None, check=False, timeout=300, cwd=None):
     return p
 
 
+@contextlib.contextmanager
+def fixture_dir(tmp_path_factory, name: str):
+    """The folder of a fixture's files, and whether they must still be built: `with fixture_dir(f, "x") as (out,
+    todo): if todo: <write into out>`. Fresh for each session (tmp_path_factory), unless ALF_TEST_FIXTURE_CACHE
+    names a folder: then kept there, built once under a lock, and reused by later pytest runs. `make mutate`
+    sets it (tests/mutation_run.py builds the fixtures with the unmutated code first): each mutant's run reuses
+    them instead of extracting the same stores again, so a mutant is tested by the tests themselves, not by
+    the fixtures' extractions."""
+    root = os.environ.get("ALF_TEST_FIXTURE_CACHE")
+    if not root:
+        yield tmp_path_factory.mktemp(name), True
+        return
+    import fcntl
+    import shutil
+
+    out, done = Path(root) / name, Path(root) / f"{name}.built"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            yield out, False
+            return
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted build
+        out.mkdir()
+        yield out, True
+        done.touch()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A small timm ViT with random weights, saved in timm's own folder layout (offline stand-in)."""
     from alfcache.backbones import build_random_model
 
-    return build_random_model(tmp_path_factory.mktemp("models") / "tiny", img_size=16, patch_size=4, embed_dim=32,
-                              depth=4, num_heads=2, seed=0)
+    with fixture_dir(tmp_path_factory, "models") as (out, todo):
+        if todo:
+            build_random_model(out / "tiny", img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, seed=0)
+    return out / "tiny"
 
 
 @pytest.fixture(scope="session")
@@ -56,10 +87,11 @@ def digits_stores(tiny_model, tmp_path_factory):
     """Zarr stores (train, test) of the digits dataset through the tiny model."""
     from alfcache.extract import ExtractConfig, extract
 
-    out = tmp_path_factory.mktemp("features")
-    res = extract(ExtractConfig(model=f"local-dir:{tiny_model}", dataset="digits", out=out, workers=0,
-                                batch_size=64, progress=False))
-    return {r.split: r.path for r in res}
+    with fixture_dir(tmp_path_factory, "features") as (out, todo):
+        if todo:
+            extract(ExtractConfig(model=f"local-dir:{tiny_model}", dataset="digits", out=out, workers=0,
+                                  batch_size=64, progress=False))
+    return {split: next(out.rglob(f"{split}.zarr")) for split in ("train", "test")}
 
 
 def write_image_folder(root: Path, classes=("cat", "dog"), per_class=6, size=20, seed=0, splits=("train", "test")):

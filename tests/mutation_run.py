@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["probes.optim", "probes.protocol", "probes.pool", "alfcache.format", "probes.features", "probes.runner"]
 EQUIVALENT = ROOT / "tests" / "mutation_equivalent.txt"
 TIMES = ROOT / "mutants" / "mutation-times.json"
+FIXTURES = ROOT / ".mutation-fixtures"
 KILLED = {1, 3, 36, -24, 24, 152, 255}  # test failure, pytest internal error, timeouts (mutmut's exit codes)
 SURVIVED, NO_TESTS = {0}, {5, 33}
 
@@ -64,8 +65,27 @@ def regenerate() -> None:
         os.chdir(cwd)
 
 
+def build_fixtures() -> None:
+    """Build the tests' stores and models once, with the unmutated code, into FIXTURES (`fixture_dir` in
+    tests/conftest.py): mutmut runs the tests once per mutant, and rebuilding them (extractions through a model)
+    took most of each run's time. Rebuilt at every start (the code may have changed since)."""
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+    shutil.rmtree(FIXTURES, ignore_errors=True)
+    os.environ["ALF_TEST_FIXTURE_CACHE"] = str(FIXTURES)  # inherited by mutmut and its test runs
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "pytest", "--setup-only", "-q", *cfg["pytest_add_cli_args"],
+                        *cfg["pytest_add_cli_args_test_selection"]], cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+    if p.returncode != 0:
+        sys.exit(f"building the test fixtures failed:\n{p.stdout[-3000:]}")
+    print(f"=== fixtures built once in {time.time() - t0:.0f} s ({FIXTURES.relative_to(ROOT)})", flush=True)
+
+
 def run_targets(targets: list[str], jobs: int, retest: bool = False) -> None:
     times = json.loads(TIMES.read_text()) if TIMES.exists() else {}
+    build_fixtures()
     for t in targets:
         pattern = t if "*" in t else f"{t}.*"
         names = [pattern]

@@ -16,6 +16,8 @@ from probes.errors import ProbeError
 from probes import FeatureSet
 from probes.runner import StorePair, discover
 
+from conftest import fixture_dir
+
 MODEL_FP = "sha256:" + "a" * 64
 OTHER_FP = "sha256:" + "b" * 64
 
@@ -276,9 +278,10 @@ def tapped_stores(tiny_model, tmp_path_factory):
     """digits through the tiny model with module taps and last-layer patch tokens (both splits)."""
     from alfcache.extract import ExtractConfig, extract
 
-    out = tmp_path_factory.mktemp("tapped")
-    extract(ExtractConfig(model=f"local-dir:{tiny_model}", dataset="digits", out=out, workers=0, batch_size=128,
-                          taps="modules", patches=True, progress=False))
+    with fixture_dir(tmp_path_factory, "tapped") as (out, todo):
+        if todo:
+            extract(ExtractConfig(model=f"local-dir:{tiny_model}", dataset="digits", out=out, workers=0,
+                                  batch_size=128, taps="modules", patches=True, progress=False))
     return out
 
 

@@ -11,6 +11,8 @@ from probes import FeatureSet
 from probes.errors import ProbeError
 from probes.selection import TokenSpec
 
+from conftest import fixture_dir
+
 CHUNK = 64  # rows per chunk of the store: digits' 450 test images make 8 chunks
 
 
@@ -47,10 +49,13 @@ def store(tiny_model, tmp_path_factory):
     """digits' test split through the tiny model in 64-row chunks, with patch tokens and module taps."""
     from alfcache.extract import ExtractConfig, extract
 
-    (res,) = extract(ExtractConfig(model=f"local-dir:{tiny_model}", dataset="digits", splits=["test"],
-                                   out=tmp_path_factory.mktemp("reading"), workers=0, batch_size=128,
-                                   chunk_rows=CHUNK, taps="modules", patches=True, progress=False))
-    return res.path
+    with fixture_dir(tmp_path_factory, "reading") as (out, todo):
+        if todo:
+            extract(ExtractConfig(model=f"local-dir:{tiny_model}", dataset="digits", splits=["test"], out=out,
+                                  workers=0, batch_size=128, chunk_rows=CHUNK, taps="modules", patches=True,
+                                  progress=False))
+    (path,) = out.rglob("test.zarr")
+    return path
 
 
 @pytest.fixture(scope="module")

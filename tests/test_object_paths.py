@@ -4,10 +4,12 @@ against a real S3 server is tests/test_s3.py.)"""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from alfcache import format as F
@@ -542,4 +544,45 @@ def test_verify_store_on_object_storage_says_when_access_fails(bucket, monkeypat
     monkeypatch.setattr(type(fs), "cat_file", denied)
     with pytest.raises(F.StoreError) as e:
         F.verify_store(url)
+    assert str(e.value).startswith("object storage: access denied '") and str(e.value).endswith(f"[{url}]")
+
+
+@pytest.mark.parametrize("where", ["metadata", "open", "array metadata", "projection"])
+def test_every_read_of_a_store_says_when_access_fails(bucket, monkeypatch, digits_stores, tmp_path, where):
+    """Access refused by the service is the access line naming the store, never 'damaged', wherever the read
+    is refused: the store's metadata (read_metadata), the group opened with metadata already read
+    (open_arrays), an array's metadata (check_intact), the projection's chunks (verify_store)."""
+    import zarr
+
+    name, fs = bucket
+    local = tmp_path / "test.zarr"
+    shutil.copytree(digits_stores["test"], local)
+    rng = np.random.default_rng(0)
+    proj = {"projection/weight": rng.normal(size=(3, 32)).astype(np.float32),
+            "projection/bias": rng.normal(size=3).astype(np.float32)}
+    g = zarr.open_group(str(local), mode="r+")
+    for n, a in proj.items():
+        g.create_array(n, shape=a.shape, dtype=a.dtype)[...] = a
+    g.attrs.put({**g.attrs, "projection": {"checksums": {n: F.array_checksum(a) for n, a in proj.items()}}})
+    fs.put(str(local), f"/{name}/a/test.zarr", recursive=True)
+    url = f"memory://{name}/a/test.zarr"
+    meta = F.read_metadata(url)
+    assert F.verify_store(url) == len(meta["chunk_checksums"])
+    refused = {"metadata": "/a/test.zarr/zarr.json", "open": "/a/test.zarr/zarr.json",
+               "array metadata": "/a/test.zarr/cls/zarr.json", "projection": "/a/test.zarr/projection/bias/c/"}[where]
+    real = type(fs).cat_file
+
+    def denied(self, path, *a, **k):
+        if refused in path:
+            raise PermissionError(13, "Forbidden", path)
+        return real(self, path, *a, **k)
+
+    monkeypatch.setattr(type(fs), "cat_file", denied)
+    with pytest.raises(F.StoreError) as e:
+        if where == "metadata":
+            F.read_metadata(url)
+        elif where == "open":
+            F.open_arrays(url, meta)
+        else:
+            F.verify_store(url, progress=False)
     assert str(e.value).startswith("object storage: access denied '") and str(e.value).endswith(f"[{url}]")

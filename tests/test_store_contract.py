@@ -18,6 +18,8 @@ import pytest
 from alfcache import format as F
 from alfcache.format import StoreError
 
+from conftest import fixture_dir
+
 
 # ------------------------------------------------------------------------------------------ places
 @pytest.mark.parametrize("name, want", [("clip-l", "clip-l"), ("a/b", "a-b"), ("../..", "unnamed"),
@@ -214,7 +216,8 @@ def test_required_and_token_arrays():
     meta = {"arrays": {"cls": {}, "ap": {}, "modules/ffn/cls": {}}}
     assert F.token_arrays(meta) == ["ap", "cls", "modules/ffn/cls"]
     assert F.required_arrays(meta) == ["labels", "sample_ids", "ap", "cls", "modules/ffn/cls"]
-    assert F.required_arrays({**meta, "projection": {"checksums": {}}})[-2:] == list(F.PROJECTION)
+    assert F.required_arrays({**meta, "projection": {"checksums": {}}}) == [
+        "labels", "sample_ids", "ap", "cls", "modules/ffn/cls", *F.PROJECTION]
     assert F.required_arrays({**meta, "projection": None}) == F.required_arrays(meta)
 
 
@@ -269,10 +272,12 @@ def chunked_store(tiny_model, tmp_path_factory) -> Path:
     """digits' test split (450 rows) through the tiny model, in chunks of 128 rows (4 chunks, the last of 66)."""
     from alfcache.extract import ExtractConfig, extract
 
-    out = tmp_path_factory.mktemp("contract")
-    res = extract(ExtractConfig(model=f"local-dir:{tiny_model}", dataset="digits", out=out, workers=0,
-                                batch_size=64, chunk_rows=128, splits=["test"], progress=False))
-    return res[0].path
+    with fixture_dir(tmp_path_factory, "contract") as (out, todo):
+        if todo:
+            extract(ExtractConfig(model=f"local-dir:{tiny_model}", dataset="digits", out=out, workers=0,
+                                  batch_size=64, chunk_rows=128, splits=["test"], progress=False))
+    (path,) = out.rglob("test.zarr")
+    return path
 
 
 @pytest.fixture
@@ -632,3 +637,40 @@ def test_zarr_unwritten_on_any_array_layout(tmp_path, zarr_format):
     assert F._zarr_unwritten(s) == []
     e = g.create_array("e", shape=(0, 3), chunks=(2, 3), dtype="f4", fill_value=0)
     assert F._zarr_unwritten(e) == []
+
+
+def test_open_arrays_is_read_only(store):
+    """The probe stage reads stores and never writes them: the arrays and the metadata open_arrays hands out
+    refuse writes, and the store is unchanged."""
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    with F.open_arrays(store) as arrays:
+        labels = np.asarray(arrays["labels"][:4])
+        with pytest.raises(Exception):
+            arrays["labels"][:4] = labels + 1
+        with pytest.raises(Exception):
+            arrays.handle.attrs["complete"] = False
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+
+
+def test_a_zarr_v2_group_is_not_a_store(store, tmp_path):
+    """The format is Zarr v3 (zarr.json, chunk keys c/...): a Zarr v2 group carrying a store's very metadata (a
+    conversion, another writer) is not read as a store, neither its metadata nor its arrays; the second error
+    is open_arrays' own (the metadata it was given is not read again)."""
+    import zarr
+
+    meta = F.read_metadata(store)
+    v2 = tmp_path / "v2" / "test.zarr"
+    g = zarr.open_group(str(v2), mode="w", zarr_format=2)
+    g.attrs.put(meta)
+    g.create_array("labels", shape=(meta["num_samples"],), dtype="int64")
+    try:  # the error zarr raises for a v3 group that is not there (its type name is in the messages)
+        zarr.open_group(str(v2), mode="r", zarr_format=3)
+        raise AssertionError("zarr opened a v2 group as v3")
+    except Exception as x:  # noqa: BLE001
+        kind = type(x).__name__
+    with pytest.raises(StoreError) as e:
+        F.read_metadata(v2)
+    assert str(e.value) == f"store '{v2}' is damaged: its metadata cannot be read ({kind}); re-extract it with --overwrite"
+    with pytest.raises(StoreError) as e:
+        F.open_arrays(v2, meta)
+    assert str(e.value) == f"store '{v2}' is damaged: it cannot be opened ({kind}); re-extract it with --overwrite"

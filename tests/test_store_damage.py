@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from alfcache.format import StoreError, read_metadata, verify_store
-from conftest import run_alf
+from conftest import fixture_dir, run_alf
 from probes import FeatureSet
 from test_errors import one_line_error
 
@@ -28,13 +28,14 @@ def full_store(tmp_path_factory):
     from alfcache.backbones import build_random_model
     from alfcache.extract import ExtractConfig, extract
 
-    tmp = tmp_path_factory.mktemp("damage")
-    model = build_random_model(tmp / "reg", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, seed=0,
-                               reg_tokens=2)
-    res = extract(ExtractConfig(model=f"local-dir:{model}", dataset="digits", out=tmp / "features", workers=0,
-                                splits=["test"], taps="modules", patches=True, registers=True, chunk_rows=ROWS,
-                                batch_size=64, progress=False))
-    path = res[0].path
+    with fixture_dir(tmp_path_factory, "damage") as (tmp, todo):
+        if todo:
+            model = build_random_model(tmp / "reg", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                       seed=0, reg_tokens=2)
+            extract(ExtractConfig(model=f"local-dir:{model}", dataset="digits", out=tmp / "features", workers=0,
+                                  splits=["test"], taps="modules", patches=True, registers=True, chunk_rows=ROWS,
+                                  batch_size=64, progress=False))
+    (path,) = (tmp / "features").rglob("test.zarr")
     assert set(ARRAYS) <= set(read_metadata(path)["arrays"]) | {"labels", "sample_ids"}
     for rel in ARRAYS.values():
         assert (path / rel).is_file(), rel

@@ -8,6 +8,7 @@ import pytest
 from alfcache.extract import ExtractConfig, extract
 from alfcache.format import read_metadata
 from probes import FeatureSet
+from conftest import fixture_dir
 
 REQUIRED = ["format", "format_version", "model", "preprocessing", "taps", "token_layout", "dtype", "dataset",
             "split", "class_names", "num_samples", "created_at", "library_versions", "complete", "chunk_checksums"]
@@ -15,12 +16,14 @@ REQUIRED = ["format", "format_version", "model", "preprocessing", "taps", "token
 
 @pytest.fixture(scope="module")
 def both_formats(tiny_model, tmp_path_factory):
-    out = {}
+    stores = {}
     for fmt in ("zarr", "h5"):
-        res = extract(ExtractConfig(model=str(tiny_model), dataset="digits", splits=["test"], fmt=fmt,
-                                    out=tmp_path_factory.mktemp(fmt), workers=0, chunk_rows=100, progress=False))
-        out[fmt] = res[0].path
-    return out
+        with fixture_dir(tmp_path_factory, f"both-{fmt}") as (out, todo):
+            if todo:
+                extract(ExtractConfig(model=str(tiny_model), dataset="digits", splits=["test"], fmt=fmt, out=out,
+                                      workers=0, chunk_rows=100, progress=False))
+        (stores[fmt],) = out.rglob(f"test.{fmt}")
+    return stores
 
 
 def test_zarr_and_h5_hold_identical_data(both_formats):
