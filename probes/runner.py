@@ -178,16 +178,17 @@ def run_heads(pair: StorePair, heads: list[str], protocol: str | dict, out: Path
 
 
 def _provenance(pair: StorePair, train: FeatureSet, test: FeatureSet, name: str, tap, protocol) -> dict:
-    """Where a result's numbers come from: stores, dataset and model identity, protocols, chance, time."""
+    """Where a result's numbers come from: stores, dataset and model identity, protocols, chance, time. (Every
+    store records its dataset and model - pairing reads them; the extraction record may be absent.)"""
     meta = train.meta
     present = len(np.unique(test.labels[test.rows]))
     return {"dataset": pair.dataset, "dataset_folder": pair.folder, "model": pair.model, "head": name,
             "tap": tap or "main", "protocol_name": protocol if isinstance(protocol, str) else "custom",
             "train_store": str(pair.train), "test_store": str(pair.test),
-            "dataset_source": meta.get("dataset", {}).get("source"),
-            "model_source": meta.get("model", {}).get("source_id"),
-            "weights_fingerprint": meta.get("model", {}).get("fingerprint"),
-            "pretrained_weights": meta.get("model", {}).get("pretrained_weights"),
+            "dataset_source": meta["dataset"].get("source"),
+            "model_source": meta["model"].get("source_id"),
+            "weights_fingerprint": meta["model"].get("fingerprint"),
+            "pretrained_weights": meta["model"].get("pretrained_weights"),
             "extraction_protocol": meta.get("extraction", {}).get("protocol"),
             "n_test": len(test), "chance": 100.0 / present, "class_names": list(test.class_names),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}

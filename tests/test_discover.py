@@ -214,6 +214,10 @@ def test_skip_unusable_leaves_out_incomplete_and_lone_stores(digits_stores, tmp_
     put(digits_stores, tmp_path, "c/test.zarr", "test", complete=False, **{"dataset.name": "half",
                                                                            "dataset.source": "hf:h/x"})
     assert [p.dataset for p in discover(tmp_path, skip_unusable=True)] == ["digits"]
+    for s in ("train", "test"):  # a pair after the incomplete store in path order is still found
+        put(digits_stores, tmp_path, f"e/{s}.zarr", s, **{"dataset.name": "late", "dataset.source": "hf:e/x"})
+    assert [p.dataset for p in discover(tmp_path, skip_unusable=True)] == ["digits", "late"]
+    shutil.rmtree(tmp_path / "e")
     bad = put(digits_stores, tmp_path, "d/test.zarr", "test", **{"dataset.name": "bad"})
     (bad / "zarr.json").write_text("{not json")
     assert [p.dataset for p in discover(tmp_path, skip_unusable=True)] == ["digits"]  # damage skipped too
@@ -379,3 +383,87 @@ def test_run_heads_several_seeds_attention_and_saved_probes(digits_stores, tmp_p
             assert list(got["token_names"]) == rec["token_names"]
         else:
             assert not (d / f"{h}_attention.npz").exists()
+
+
+def test_run_heads_passes_its_arguments_and_writes_its_record(digits_stores, tmp_path, capsys):
+    """A named protocol is named in the result, the device asked for is the one used, progress=False prints
+    nothing, each seed's time is the time it took, and the file written holds the record returned."""
+    import json
+
+    from probes.runner import run_heads
+
+    for s in ("train", "test"):
+        put(digits_stores, tmp_path, f"r/{s}.zarr", s)
+    (pair,) = discover(tmp_path / "r")
+    t0 = time.perf_counter()
+    (rec,) = run_heads(pair, ["linear"], "quick", tmp_path / "out", device="cpu:0", progress=False)
+    took = time.perf_counter() - t0
+    assert capsys.readouterr().err == ""
+    assert rec["protocol_name"] == "quick" and rec["device"] == "cpu:0"
+    assert 0 < rec["wall_seconds"] < took  # (the first seed's)
+    saved = json.loads((tmp_path / "out" / "digits" / "local-tiny" / "linear.json").read_text())
+    assert saved == json.loads(json.dumps(rec))
+
+
+def test_run_heads_on_a_later_rank_returns_every_record_and_writes_nothing(digits_stores, tmp_path, monkeypatch):
+    """Under torchrun every rank trains the same heads; rank 0 alone writes the results (files, saved probes),
+    and every rank returns all the records."""
+    import probes.runner as runner
+    from probes.ranks import Ranks
+
+    for s in ("train", "test"):
+        put(digits_stores, tmp_path, f"r/{s}.zarr", s)
+    (pair,) = discover(tmp_path / "r")
+    monkeypatch.setattr(runner, "current_ranks", lambda: Ranks(1, 2))
+    recs = runner.run_heads(pair, ["linear", "linear-clsap"], TINY, tmp_path / "out", progress=False)
+    assert [r["head"] for r in recs] == ["linear", "linear-clsap"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_heads_copies_stores_on_object_storage_into_the_cache_dir(digits_stores, tmp_path):
+    """With cache_dir, a pair on object storage is copied there once and read from the copies: the same result
+    as the local stores, named by where the stores live."""
+    import fsspec
+
+    from probes.runner import run_heads
+
+    fs, name = fsspec.filesystem("memory"), f"rh-{tmp_path.name.lower().replace('_', '-')}"
+    for s in ("train", "test"):
+        fs.put(str(put(digits_stores, tmp_path, f"r/{s}.zarr", s)), f"/{name}/r/{s}.zarr", recursive=True)
+    try:
+        (pair,) = discover(f"memory://{name}/r")
+        (rec,) = run_heads(pair, ["linear"], TINY, tmp_path / "out", progress=False, cache_dir=tmp_path / "cache")
+    finally:
+        fs.rm(f"/{name}", recursive=True)
+    assert sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache").iterdir()) == ["test.zarr", "train.zarr"]
+    (local,) = run_heads(discover(tmp_path / "r")[0], ["linear"], TINY, tmp_path / "out2", progress=False)
+    assert rec["test_balanced_accuracy"] == local["test_balanced_accuracy"]
+    assert rec["train_store"] == str(pair.train) and str(pair.train).startswith("memory://")
+
+
+def test_stores_that_record_no_folder_slug(digits_stores, tmp_path):
+    """Stores whose dataset records no folder slug (older extractions) pair under the dataset's name, and the
+    names offered for an unknown dataset are the recorded ones only."""
+    for s in ("train", "test"):
+        g = zarr.open_group(str(put(digits_stores, tmp_path, f"d/{s}.zarr", s)), mode="r+")
+        attrs = dict(g.attrs)
+        attrs["dataset"] = {k: v for k, v in attrs["dataset"].items() if k != "slug"}
+        g.attrs.put(attrs)
+    (pair,) = discover(tmp_path)
+    assert (pair.slug, pair.folder) == ("", "digits")
+    with pytest.raises(ProbeError) as e:
+        discover(tmp_path, dataset="nope")
+    assert str(e.value) == "unknown dataset (in the stores) 'nope' (known: digits)"
+
+
+def test_run_heads_on_stores_without_an_extraction_record(digits_stores, tmp_path):
+    """Stores that record no extraction settings (written before they were recorded) still run; the result
+    says the extraction protocol is unknown."""
+    from probes.runner import run_heads
+
+    for s in ("train", "test"):
+        g = zarr.open_group(str(put(digits_stores, tmp_path, f"r/{s}.zarr", s)), mode="r+")
+        g.attrs.put({k: v for k, v in g.attrs.items() if k != "extraction"})
+    (pair,) = discover(tmp_path / "r")
+    (rec,) = run_heads(pair, ["linear"], TINY, tmp_path / "out", progress=False)
+    assert rec["extraction_protocol"] is None and rec["weights_fingerprint"] == MODEL_FP
