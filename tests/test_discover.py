@@ -298,10 +298,12 @@ def test_run_heads_on_a_module_tap_trains_both_splits_on_that_tap(tapped_stores,
     (pair,) = discover(tapped_stores)
     train, test = FeatureSet.open(pair.train), FeatureSet.open(pair.test)
     kind = train.module_taps[0]
-    (rec,) = run_heads(pair, ["linear"], TINY, tmp_path / "out", tap=kind, progress=False)
-    direct = fit(train.select_tap(kind), "linear", protocol=TINY, seed=0, progress=False)
+    P = {**TINY, "epochs": 5, "min_steps": 100}  # trained enough to score above chance on the tap
+    (rec,) = run_heads(pair, ["linear"], P, tmp_path / "out", tap=kind, progress=False)
+    direct = fit(train.select_tap(kind), "linear", protocol=P, seed=0, progress=False)
     assert (rec["head"], rec["tap"]) == (f"linear@{kind}", kind)
     assert rec["test_balanced_accuracy"] == pytest.approx(direct.balanced_accuracy(test.select_tap(kind)), abs=1e-9)
+    assert rec["test_balanced_accuracy"] > 15  # above chance (10%): a probe that predicts one class would not tell
     (main,) = run_heads(pair, ["linear"], TINY, tmp_path / "out", progress=False)
     assert main["tap"] == "main" and main["test_balanced_accuracy"] != rec["test_balanced_accuracy"]
     from probes.results import _slug
