@@ -4,9 +4,12 @@ last layer, rows asked in any order (scattered over chunks, repeated), read from
 into a caller's buffer or a new one; non-finite tokens refused by row; module taps read through their own arrays."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from alfcache.format import StoreError
 from probes import FeatureSet
 from probes.errors import ProbeError
 from probes.selection import TokenSpec
@@ -251,3 +254,45 @@ def test_tiny_tokens_normalise_to_unit_length_and_zero_ones_stay_zero(normalise)
     axis = 2 if normalise == "token" else 1
     np.testing.assert_allclose(np.linalg.norm(got[1], axis=axis - 1), 1.0, rtol=1e-5)
     assert (got[2] == 0).all()
+
+
+class Unreadable:
+    """An array-like whose reads fail with `error`, named as zarr (`path`) or h5py (`name`) names arrays."""
+
+    def __init__(self, error, **names):
+        self.error, self.shape = error, (10, 2, 4)
+        self.__dict__.update(names)
+
+    def __getitem__(self, sel):
+        raise self.error
+
+
+@pytest.mark.parametrize("arr, sel, name, want", [
+    (Unreadable(ValueError("bad blosc\nframe"), path="cls"), slice(3, 7), None,
+     "rows 3-6 of 'cls' cannot be read (ValueError: bad blosc)"),
+    (Unreadable(OSError("crc"), name="/modules/ffn/ap"), slice(0, 1), None,
+     "rows 0-0 of 'modules/ffn/ap' cannot be read (OSError: crc)"),
+    (Unreadable(KeyError(), path=None, name="/labels"), Ellipsis, None, "'labels' cannot be read (KeyError: no detail)"),
+    (Unreadable(RuntimeError("x")), slice(None), None, "'?' cannot be read (RuntimeError: x)"),
+    (Unreadable(RuntimeError("x"), path="cls"), slice(2, None), "projection/weight",
+     "'projection/weight' cannot be read (RuntimeError: x)"),
+], ids=["zarr-path", "h5py-name", "no-detail", "unnamed", "name-given"])
+def test_a_read_that_fails_names_the_rows_the_array_and_the_cause(arr, sel, name, want):
+    """The one 'damaged' line of a read that fails: the rows (for a bounded range), the array (the name given,
+    else zarr's path, else h5py's name without its leading slash, else '?'), the error's type and first line."""
+    from probes.features import _read
+
+    with pytest.raises(StoreError) as e:
+        _read(arr, sel, Path("/d/s.zarr"), name)
+    assert str(e.value) == f"store '/d/s.zarr' is damaged: {want}; re-extract it with --overwrite"
+
+
+def test_a_read_refused_by_object_storage_is_the_access_line():
+    from alfcache.format import location
+    from probes.features import _read
+
+    url = location("memory://bkt-read-access/s.zarr")
+    with pytest.raises(StoreError) as e:
+        _read(Unreadable(PermissionError(13, "Forbidden", "bkt-read-access/s.zarr/cls/c/0"), path="cls"),
+              slice(0, 4), url)
+    assert str(e.value).startswith("object storage: access denied '") and str(e.value).endswith(f"[{url}]")
