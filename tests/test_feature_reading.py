@@ -296,3 +296,43 @@ def test_a_read_refused_by_object_storage_is_the_access_line():
         _read(Unreadable(PermissionError(13, "Forbidden", "bkt-read-access/s.zarr/cls/c/0"), path="cls"),
               slice(0, 4), url)
     assert str(e.value).startswith("object storage: access denied '") and str(e.value).endswith(f"[{url}]")
+
+
+def test_from_arrays_defaults_and_refusals():
+    """Feature sets from arrays: either token kind alone (the other reads as zeros), labels as int64, default
+    class and layer names, no rows at all; each misfit refused in its own words; the layer count and width
+    recorded so that pairing names which one differs."""
+    from probes.features import check_compatible
+
+    rng = np.random.default_rng(0)
+    ap = rng.normal(size=(6, 3, 4)).astype(np.float32)
+    fs = FeatureSet.from_arrays(ap=ap, labels=[0.0, 1.0, 2.0, 0.0, 1.0, 2.0])
+    assert np.array_equal(fs.ap, ap) and np.array_equal(fs.cls, np.zeros_like(ap)) and fs.cls.dtype == ap.dtype
+    assert fs.labels.dtype == np.int64 and fs.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert fs.class_names == ["0", "1", "2"] and fs.layer_names == ["layer1", "layer2", "layer3"]
+    assert (fs.meta["num_layers"], fs.meta["width"]) == (3, 4)
+    assert np.array_equal(FeatureSet.from_arrays(cls=ap, labels=np.zeros(6)).cls, ap)
+    empty = FeatureSet.from_arrays(cls=np.zeros((0, 2, 4), np.float32), labels=[])
+    assert (len(empty), empty.class_names) == (0, [])
+
+    def refused(**kw) -> str:
+        with pytest.raises(ProbeError) as e:
+            FeatureSet.from_arrays(**kw)
+        return str(e.value)
+
+    assert refused(labels=[0]) == "from_arrays needs cls and/or ap arrays of shape (N, L, D)"
+    assert refused(cls=np.zeros((2, 4)), labels=[0, 1]) == "token arrays must be (N, L, D), got (2, 4)"
+    assert refused(cls=ap, ap=ap[:, :2], labels=np.zeros(6)) == \
+        "shapes do not fit: cls (6, 3, 4), ap (6, 2, 4), labels (6,)"
+    assert refused(cls=ap, labels=np.zeros(5)) == "shapes do not fit: cls (6, 3, 4), ap (6, 3, 4), labels (5,)"
+    w, b = np.zeros((5, 4)), np.zeros(5)
+    assert FeatureSet.from_arrays(cls=ap, labels=np.zeros(6), projection=(w, b)).projection[0].shape == (5, 4)
+    assert refused(cls=ap, labels=np.zeros(6), projection=(w, np.zeros(3))) == \
+        "projection weight (5, 4) / bias (3,) do not fit tokens of width 4"
+    assert refused(cls=ap, labels=np.zeros(6), projection=(np.zeros((5, 3)), b)) == \
+        "projection weight (5, 3) / bias (5,) do not fit tokens of width 4"
+    # pairing names the layer count or the width that differs
+    for other, what in ((ap[:, :2], "layers"), (ap[:, :, :3], "width, token shape")):
+        with pytest.raises(ProbeError) as e:
+            check_compatible(fs, FeatureSet.from_arrays(ap=other, labels=fs.labels))
+        assert str(e.value) == f"train and test features do not fit together: {what} differ"
