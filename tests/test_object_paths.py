@@ -586,3 +586,36 @@ def test_every_read_of_a_store_says_when_access_fails(bucket, monkeypatch, digit
         else:
             F.verify_store(url, progress=False)
     assert str(e.value).startswith("object storage: access denied '") and str(e.value).endswith(f"[{url}]")
+
+
+def test_feature_set_open_with_a_cache_dir(bucket, digits_stores, tmp_path):
+    """FeatureSet.open of a complete store on object storage with cache_dir: copied there once and read from
+    the copy (in memory when asked), named by where it lives; without cache_dir it is read where it is and
+    nothing is copied; an incomplete store is never cached, and is refused unless allowed."""
+    import zarr
+
+    from probes import FeatureSet
+    from probes.errors import ProbeError
+
+    name, fs = bucket
+    fs.put(str(digits_stores["test"]), f"/{name}/c/test.zarr", recursive=True)
+    url = f"memory://{name}/c/test.zarr"
+    local = FeatureSet.open(digits_stores["test"], in_memory=True)
+    cache = tmp_path / "cache"
+    remote = FeatureSet.open(url)
+    assert not cache.exists() and remote.path == F.location(url) and not isinstance(remote.cls, np.ndarray)
+    cached = FeatureSet.open(url, cache_dir=cache, in_memory=True)
+    (copy,) = cache.iterdir()
+    assert copy.name.endswith("-test.zarr") and cached.path == F.location(url)
+    assert isinstance(cached.cls, np.ndarray) and np.array_equal(cached.cls, local.cls)
+    assert np.array_equal(FeatureSet.open(url, cache_dir=cache).ap[:5], local.ap[:5])
+    assert list(cache.iterdir()) == [copy]  # reused
+    half = tmp_path / "half.zarr"
+    shutil.copytree(digits_stores["test"], half)
+    g = zarr.open_group(str(half), mode="r+")
+    g.attrs.put({**g.attrs, "complete": False})
+    with pytest.raises(ProbeError, match=r"is incomplete \(extraction did not finish\)"):
+        FeatureSet.open(half)
+    fs.put(str(half), f"/{name}/c/half.zarr", recursive=True)
+    opened = FeatureSet.open(f"memory://{name}/c/half.zarr", cache_dir=tmp_path / "cache2", allow_incomplete=True)
+    assert len(opened) == len(local) and not (tmp_path / "cache2").exists()
