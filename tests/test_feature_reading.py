@@ -336,3 +336,53 @@ def test_from_arrays_defaults_and_refusals():
         with pytest.raises(ProbeError) as e:
             check_compatible(fs, FeatureSet.from_arrays(ap=other, labels=fs.labels))
         assert str(e.value) == f"train and test features do not fit together: {what} differ"
+
+
+def test_open_an_incomplete_store_its_labels_and_its_projection(store, tmp_path):
+    """FeatureSet.open: an incomplete store (chunks not yet written) opens when allowed - its missing chunks are
+    what incomplete means - while the same store marked complete is refused; labels that cannot be decoded are
+    one 'damaged' line naming the cause; a recorded output projection is read."""
+    import shutil
+
+    import zarr
+
+    from alfcache.format import array_checksum, read_metadata
+
+    def copy(name):
+        dst = tmp_path / name / "test.zarr"
+        shutil.copytree(store, dst)
+        return dst, zarr.open_group(str(dst), mode="r+")
+
+    half, g = copy("half")
+    for f in [p for p in half.rglob("*") if p.is_file() and "c" in p.relative_to(half).parts]:
+        parts = f.relative_to(half).parts
+        if parts[parts.index("c") + 1] == "7":  # the last chunk of every array
+            f.unlink()
+    g.attrs.put({**g.attrs, "complete": False})
+    assert len(FeatureSet.open(half, allow_incomplete=True).labels) == read_metadata(half)["num_samples"]
+    g.attrs.put({**g.attrs, "complete": True})
+    with pytest.raises(StoreError, match=r"has no data on disk for rows 448-449"):
+        FeatureSet.open(half)
+
+    bad, g = copy("labels")
+    chunk = bad / "labels" / "c" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:5])
+    try:
+        zarr.open_group(str(bad), mode="r")["labels"][:]
+        raise AssertionError("a truncated chunk decoded")
+    except Exception as x:  # noqa: BLE001
+        kind = type(x).__name__
+    with pytest.raises(StoreError) as e:
+        FeatureSet.open(bad)
+    assert str(e.value) == f"store '{bad}' is damaged: its labels cannot be read ({kind}); re-extract it with --overwrite"
+
+    proj, g = copy("proj")
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(3, 32)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    for name, a in (("projection/weight", w), ("projection/bias", b)):
+        g.create_array(name, shape=a.shape, dtype=a.dtype)[...] = a
+    g.attrs.put({**g.attrs, "projection": {"checksums": {"projection/weight": array_checksum(w),
+                                                         "projection/bias": array_checksum(b)}}})
+    got = FeatureSet.open(proj).projection
+    assert np.array_equal(got[0], w) and np.array_equal(got[1], b)
+    assert FeatureSet.open(store).projection is None
