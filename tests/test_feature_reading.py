@@ -386,3 +386,34 @@ def test_open_an_incomplete_store_its_labels_and_its_projection(store, tmp_path)
     got = FeatureSet.open(proj).projection
     assert np.array_equal(got[0], w) and np.array_equal(got[1], b)
     assert FeatureSet.open(store).projection is None
+
+
+def test_reads_on_opening_name_the_array_that_fails(store, tmp_path):
+    """A token array read whole (in_memory) or a projection that cannot be decoded is one 'damaged' line naming
+    that array in that store."""
+    import shutil
+
+    import zarr
+
+    from alfcache.format import array_checksum
+
+    for name in ("cls", "ap", "projection/weight"):
+        s = tmp_path / name.replace("/", "-") / "test.zarr"
+        shutil.copytree(store, s)
+        if name.startswith("projection"):
+            g = zarr.open_group(str(s), mode="r+")
+            w, b = np.ones((3, 32), np.float32), np.ones(3, np.float32)
+            g.create_array("projection/weight", shape=w.shape, dtype=w.dtype)[...] = w
+            g.create_array("projection/bias", shape=b.shape, dtype=b.dtype)[...] = b
+            g.attrs.put({**g.attrs, "projection": {"checksums": {"projection/weight": array_checksum(w),
+                                                                 "projection/bias": array_checksum(b)}}})
+        chunk = next(p for p in sorted((s / name / "c").rglob("*")) if p.is_file())
+        chunk.write_bytes(chunk.read_bytes()[:7])
+        try:
+            zarr.open_group(str(s), mode="r")[name][...]
+            raise AssertionError("a truncated chunk decoded")
+        except Exception as x:  # noqa: BLE001
+            kind = type(x).__name__
+        with pytest.raises(StoreError) as e:
+            FeatureSet.open(s, in_memory=True)
+        assert str(e.value).startswith(f"store '{s}' is damaged: '{name}' cannot be read ({kind}: ")
