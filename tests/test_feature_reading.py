@@ -397,7 +397,9 @@ def test_reads_on_opening_name_the_array_that_fails(store, tmp_path):
 
     from alfcache.format import array_checksum
 
-    for name in ("cls", "ap", "projection/weight"):
+    whole = FeatureSet.open(store, in_memory=True)
+    assert all(isinstance(a, np.ndarray) for a in (whole.cls, whole.ap, whole.patches))
+    for name in ("cls", "ap", "patches", "projection/weight"):
         s = tmp_path / name.replace("/", "-") / "test.zarr"
         shutil.copytree(store, s)
         if name.startswith("projection"):
