@@ -26,12 +26,6 @@ def pytest_configure(config):
         os.environ.pop("MUTANT_UNDER_TEST")
 
 
-def pytest_collection_modifyitems(items):
-    """The long tests first (stable otherwise): the parallel workers then share the short ones at the end instead
-    of one worker running the last long test while the other idles (longest-first scheduling)."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)
-
-
 def run_alf(*args, env=None, check=False, timeout=300, cwd=None):
     """Run the real `alf` CLI in a subprocess; returns CompletedProcess (text)."""
     e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")

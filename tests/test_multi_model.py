@@ -17,7 +17,7 @@ from alfcache.loader import segments
 from conftest import ROOT
 
 
-@pytest.fixture(scope="session")  # session: its long test runs first, the others later (conftest)
+@pytest.fixture(scope="module")
 def three_models(tmp_path_factory):
     """Three random-weight models of two families with three preprocessings: timm ViT 16 px bicubic, timm ViT
     24 px bilinear with other mean/std and a 0.75 crop, transformers CLIP 32 px."""

@@ -52,7 +52,7 @@ def reference_transform(family: str):
     return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(*IMAGENET)])  # thingsvision default
 
 
-@pytest.fixture(scope="session")  # session: its long test runs first, the others later (conftest)
+@pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     """A hub cache with random weights under the real repo ids of one model per family, and the paper's
     `dtd` dataset as a web dataset of a few real photographs."""

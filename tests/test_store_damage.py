@@ -21,7 +21,7 @@ ARRAYS = {"labels": "labels/c/1", "sample_ids": "sample_ids/c/1", "cls": "cls/c/
           "modules/ffn_fc1/cls": "modules/ffn_fc1/cls/c/1/0/0"}
 
 
-@pytest.fixture(scope="session")  # session: its long test runs first, the others later (conftest)
+@pytest.fixture(scope="module")
 def full_store(tmp_path_factory):
     """A complete test-split store with every optional array: patches, registers (2 per layer), module taps;
     64-row chunks."""
