@@ -425,6 +425,7 @@ def test_run_heads_on_a_later_rank_returns_every_record_and_writes_nothing(digit
 def test_run_heads_copies_stores_on_object_storage_into_the_cache_dir(digits_stores, tmp_path):
     """With cache_dir, a pair on object storage is copied there once and read from the copies: the same result
     as the local stores, named by where the stores live."""
+    pytest.importorskip("upath")  # object-storage paths (the s3 extra)
     import fsspec
 
     from probes.runner import run_heads

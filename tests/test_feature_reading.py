@@ -288,6 +288,7 @@ def test_a_read_that_fails_names_the_rows_the_array_and_the_cause(arr, sel, name
 
 
 def test_a_read_refused_by_object_storage_is_the_access_line():
+    pytest.importorskip("upath")  # object-storage paths (the s3 extra)
     from alfcache.format import location
     from probes.features import _read
 
