@@ -65,6 +65,17 @@ def fixture_dir(tmp_path_factory, name: str):
         done.touch()
 
 
+def decode_error(store: Path, name: str, rows) -> str:
+    """The type name of the error zarr itself raises reading `rows` of a damaged array (what messages must name)."""
+    import zarr
+
+    try:
+        zarr.open_group(str(store), mode="r")[name][rows]
+    except Exception as x:  # noqa: BLE001
+        return type(x).__name__
+    raise AssertionError(f"'{name}' decoded although damaged")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A small timm ViT with random weights, saved in timm's own folder layout (offline stand-in)."""

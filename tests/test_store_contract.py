@@ -18,7 +18,7 @@ import pytest
 from alfcache import format as F
 from alfcache.format import StoreError
 
-from conftest import fixture_dir
+from conftest import decode_error, fixture_dir
 
 
 # ------------------------------------------------------------------------------------------ places
@@ -294,17 +294,6 @@ def set_meta(path: Path, **changes) -> None:
     attrs = dict(g.attrs)
     attrs.update(changes)
     g.attrs.put(attrs)
-
-
-def decode_error(store: Path, name: str, rows) -> str:
-    """The type name of the error zarr itself raises reading `rows` of a damaged array (what messages must name)."""
-    import zarr
-
-    try:
-        zarr.open_group(str(store), mode="r")[name][rows]
-    except Exception as x:  # noqa: BLE001
-        return type(x).__name__
-    raise AssertionError(f"'{name}' decoded although damaged")
 
 
 def test_read_metadata_refusals(store, tmp_path):
