@@ -6,7 +6,7 @@ UV_VERSION ?= 0.13.9
 UV := UV_PROJECT_ENVIRONMENT=$(VENV) UV_PYTHON_DOWNLOADS=never $(VENV)/bin/uv
 PYTEST_ARGS ?=
 # the suite in parallel processes (one per core, at most 4; each builds its own session fixtures)
-PARALLEL ?= -n auto --maxprocesses 4
+PARALLEL ?= -n auto --maxprocesses 4 --dist worksteal
 
 .PHONY: install lock test test-envs test-floor test-keep-torch test-wheel mutate demo fetch reproduce reproduce-mini bench clean
 

@@ -312,6 +312,8 @@ def test_from_arrays_defaults_and_refusals():
     assert fs.labels.dtype == np.int64 and fs.labels.tolist() == [0, 1, 2, 0, 1, 2]
     assert fs.class_names == ["0", "1", "2"] and fs.layer_names == ["layer1", "layer2", "layer3"]
     assert (fs.meta["num_layers"], fs.meta["width"]) == (3, 4)
+    named = FeatureSet.from_arrays(ap=ap, labels=np.zeros(6), layer_names=("a", "b", "c"), class_names=("x",))
+    assert (named.layer_names, named.class_names) == (["a", "b", "c"], ["x"])  # given names kept, as lists
     assert np.array_equal(FeatureSet.from_arrays(cls=ap, labels=np.zeros(6)).cls, ap)
     empty = FeatureSet.from_arrays(cls=np.zeros((0, 2, 4), np.float32), labels=[])
     assert (len(empty), empty.class_names) == (0, [])
