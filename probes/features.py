@@ -263,7 +263,7 @@ class FeatureSet:
 
         x = torch.from_numpy(out)
         norms = torch.linalg.vector_norm(x, dim=1 if how == "across-tokens" else -1, keepdim=True)
-        bad = ~torch.isfinite(norms).reshape(len(srt), -1).all(dim=1)  # non-finite iff some element is
+        bad = ~torch.isfinite(norms).flatten(1).all(dim=1)  # non-finite iff some element is
         if bool(bad.any()):
             rows_bad = srt[bad.nonzero()[:, 0].numpy()[:3]]
             raise ProbeError(f"non-finite tokens in rows {rows_bad.tolist()}" + (f" of '{self.path}'" if self.path else ""))

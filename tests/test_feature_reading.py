@@ -155,6 +155,12 @@ def test_tokens_into_a_callers_buffer(store, raw):
     assert (buf[4:] == 7.0).all(), "rows past the asked ones are left alone"
     shuffled = fs.tokens(rows[::-1], spec, out=buf)
     np.testing.assert_array_equal(shuffled, buf[:4][::-1])
+    exact = np.empty((4, 4, raw["cls"].shape[2]), np.float32)  # exactly as many rows as asked: enough
+    assert np.shares_memory(fs.tokens(rows, spec, out=exact), exact)
+    np.testing.assert_array_equal(exact, buf[:4])
+    for no_rows in ([], np.array([], np.int32)):  # no rows at all (an empty list is float64 to numpy)
+        assert fs.tokens(no_rows, spec).shape == (0, 4, raw["cls"].shape[2])
+        assert fs.select_tap(None).tokens(no_rows, spec, out=buf).shape == (0, 4, raw["cls"].shape[2])
     shape = (4, 4, raw["cls"].shape[2])
     for bad in (np.zeros((10, 4, shape[2]), np.float64), np.zeros((3, 4, shape[2]), np.float32),
                 np.zeros((10, 5, shape[2]), np.float32), np.zeros((10, 4, shape[2] + 1), np.float32),
