@@ -595,6 +595,13 @@ def is_remote(path) -> bool:
     return bool(URL.match(s)) and not s.startswith("file://")
 
 
+def protocol_of(url) -> str:
+    """The URL's scheme in lower case (`s3` of `S3://bucket/a://b`): what picks the filesystem's options."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(str(url)).scheme
+
+
 def storage_options(protocol: str) -> dict:
     """fsspec options for a protocol: fresh listings and botocore's retries with back-off for S3."""
     if protocol in ("s3", "s3a"):
@@ -612,7 +619,7 @@ def location(path):
         return Path(s[len("file://"):] if s.startswith("file://") else s) if not isinstance(path, Path) else path
     if not isinstance(path, str):
         return path  # already a UPath
-    proto = str(path).split("://", 1)[0].lower()
+    proto = protocol_of(path)
     try:
         from upath import UPath
 
@@ -630,8 +637,7 @@ def zarr_store(path, read_only: bool):
         return str(path)
     from zarr.storage import FsspecStore
 
-    proto = str(path).split("://", 1)[0].lower()
-    return FsspecStore.from_url(str(path), storage_options=storage_options(proto), read_only=read_only)
+    return FsspecStore.from_url(str(path), storage_options=storage_options(protocol_of(path)), read_only=read_only)
 
 
 def _find_remote_stores(root, max_depth: int = 6) -> list:

@@ -547,11 +547,12 @@ def test_verify_store_on_object_storage_says_when_access_fails(bucket, monkeypat
     assert str(e.value).startswith("object storage: access denied '") and str(e.value).endswith(f"[{url}]")
 
 
-@pytest.mark.parametrize("where", ["metadata", "open", "array metadata", "projection"])
+@pytest.mark.parametrize("where", ["metadata", "open", "array metadata", "chunk listing", "projection"])
 def test_every_read_of_a_store_says_when_access_fails(bucket, monkeypatch, digits_stores, tmp_path, where):
     """Access refused by the service is the access line naming the store, never 'damaged', wherever the read
     is refused: the store's metadata (read_metadata), the group opened with metadata already read
-    (open_arrays), an array's metadata (check_intact), the projection's chunks (verify_store)."""
+    (open_arrays), an array's metadata and the listing of its chunks (check_intact), the projection's chunks
+    (verify_store)."""
     import zarr
 
     name, fs = bucket
@@ -569,7 +570,8 @@ def test_every_read_of_a_store_says_when_access_fails(bucket, monkeypatch, digit
     meta = F.read_metadata(url)
     assert F.verify_store(url) == len(meta["chunk_checksums"])
     refused = {"metadata": "/a/test.zarr/zarr.json", "open": "/a/test.zarr/zarr.json",
-               "array metadata": "/a/test.zarr/cls/zarr.json", "projection": "/a/test.zarr/projection/bias/c/"}[where]
+               "array metadata": "/a/test.zarr/cls/zarr.json", "chunk listing": "(no chunk read is refused)",
+               "projection": "/a/test.zarr/projection/bias/c/"}[where]
     real = type(fs).cat_file
 
     def denied(self, path, *a, **k):
@@ -578,6 +580,8 @@ def test_every_read_of_a_store_says_when_access_fails(bucket, monkeypatch, digit
         return real(self, path, *a, **k)
 
     monkeypatch.setattr(type(fs), "cat_file", denied)
+    if where == "chunk listing":  # the listing of an array's chunk keys (check_intact, chunks=True)
+        monkeypatch.setattr(F, "_zarr_unwritten", lambda arr: (_ for _ in ()).throw(PermissionError(13, "Forbidden", url)))
     with pytest.raises(F.StoreError) as e:
         if where == "metadata":
             F.read_metadata(url)
@@ -619,3 +623,28 @@ def test_feature_set_open_with_a_cache_dir(bucket, digits_stores, tmp_path):
     fs.put(str(half), f"/{name}/c/half.zarr", recursive=True)
     opened = FeatureSet.open(f"memory://{name}/c/half.zarr", cache_dir=tmp_path / "cache2", allow_incomplete=True)
     assert len(opened) == len(local) and not (tmp_path / "cache2").exists()
+
+
+def test_object_storage_options_reach_the_filesystem(monkeypatch):
+    """What zarr opens and the UPath of an s3:// store carry fresh listings and botocore's retries
+    ($ALF_S3_RETRIES), whatever the scheme's case or a '://' later in the key; without universal_pathlib the
+    URL is one line naming the missing module and the extra that brings it."""
+    import sys
+
+    pytest.importorskip("s3fs")
+    pytest.importorskip("upath")
+    monkeypatch.setenv("ALF_S3_RETRIES", "3")
+    want = F.storage_options("s3")
+    assert want["config_kwargs"]["retries"] == {"max_attempts": 3, "mode": "standard"}
+    assert F.protocol_of("S3://bkt/a://b.zarr") == "s3" and F.storage_options("memory") == {}
+    for url in ("s3://bkt/s.zarr", "s3://bkt/odd://key.zarr"):
+        st = F.zarr_store(url, read_only=True)
+        assert st.read_only and st.fs.config_kwargs == want["config_kwargs"]
+        assert st.fs.dircache.use_listings_cache is False
+        assert not F.zarr_store(url, read_only=False).read_only
+        assert F.location(url).storage_options == want
+    monkeypatch.setitem(sys.modules, "upath", None)  # as if the s3 extra were not installed
+    with pytest.raises(F.StoreError) as e:
+        F.location("s3://bkt/s.zarr")
+    assert str(e.value) == ("'s3://bkt/s.zarr' is on object storage, which needs upath and the filesystem for "
+                            "s3:// (pip install 'alfcache[s3]')")

@@ -602,6 +602,40 @@ def test_check_intact_holds_labels_and_ids_to_the_sample_count(store):
             in str(e.value)) and type(raised.value).__name__ != "NoneType"
 
 
+def test_check_intact_reads_every_array_and_names_what_fails(store, monkeypatch):
+    """Without the chunk listing (an incomplete store opened to resume or inspect) every array is still held to
+    its recorded shape and dtype, the last one too; the dtype line and the line for chunks that cannot be listed
+    word for word (a StoreError from the listing passes unchanged)."""
+    import zarr
+
+    meta = F.read_metadata(store)
+    g = zarr.open_group(str(store), mode="r")
+    last = F.required_arrays(meta)[-1]
+    held = np.dtype(g[last].dtype)
+    other = "float64" if held != np.float64 else "float32"
+    wrong = {**meta, "arrays": {**meta["arrays"], last: {**meta["arrays"][last], "dtype": other}}}
+    F.check_intact(store, meta, g, chunks=False)
+    with pytest.raises(StoreError) as e:
+        F.check_intact(store, wrong, g, chunks=False)
+    assert str(e.value) == (f"store '{store}' is damaged: array '{last}' holds {held}, its metadata says {other}; "
+                            f"re-extract it with --overwrite")
+
+    def unlistable(arr):
+        raise OSError("listing refused")
+
+    monkeypatch.setattr(F, "_zarr_unwritten", unlistable)
+    F.check_intact(store, meta, g, chunks=False)  # no listing asked
+    with pytest.raises(StoreError) as e:
+        F.check_intact(store, meta, g)
+    assert str(e.value) == (f"store '{store}' is damaged: the chunks of '{F.required_arrays(meta)[0]}' cannot be "
+                            f"listed (OSError: listing refused); re-extract it with --overwrite")
+    own = StoreError("its own line")
+    monkeypatch.setattr(F, "_zarr_unwritten", lambda arr: (_ for _ in ()).throw(own))
+    with pytest.raises(StoreError) as e:
+        F.check_intact(store, meta, g)
+    assert e.value is own
+
+
 @pytest.mark.parametrize("zarr_format", [2, 3])
 def test_zarr_unwritten_on_any_array_layout(tmp_path, zarr_format):
     """Rows without stored data, read off the keys present, for arrays of either Zarr version (version 2 has no
