@@ -242,7 +242,7 @@ class FeatureSet:
             arr = getattr(self, k)
             if plain:
                 slots = [layers.index(l) * K + j for l in plain]
-                sl = slice(slots[0], slots[-1] + 1, K) if len(slots) > 1 else slice(slots[0], slots[0] + 1)
+                sl = slice(slots[0], slots[-1] + 1, K)  # every K-th slot: this kind's over the plain layers
                 for pos, block in self._blocks(arr, srt, plain):
                     x[pos:pos + len(block), sl, :D].copy_(torch.from_numpy(np.ascontiguousarray(block)))
             if len(plain) < L:  # the projected last layer

@@ -77,6 +77,7 @@ SPECS = [  # (layers given as the spec takes them, the same layers resolved, kin
     ((0, 2), [0, 2], "cls", False, "across-tokens"),
     ((-1,), [-1], "ap", False, "none"),
     ("last", [-1], "cls+ap", True, "token"),
+    ("all", None, "cls", True, "none"),  # one kind: the layers' slots are consecutive, the patches right after
     ((1, 3), [1, 3], "cls+ap", True, "across-tokens"),
 ]
 
@@ -108,7 +109,7 @@ def test_projected_last_layer_and_padding(pad, E, final):
     w, b = rng.normal(size=(E, D)).astype(np.float32), rng.normal(size=E).astype(np.float32)
     fs = FeatureSet.from_arrays(cls=cls, ap=ap, labels=np.arange(N) % 3, patches=patches, projection=(w, b))
     rows = np.array([7, 2, 29, 2, 0])
-    for layers, idx in (("all", [0, 1, 2]), ("last", [2]), ((0,), [0])):
+    for layers, idx in (("all", [0, 1, 2]), ("last", [2]), ((0,), [0]), ((0, 2), [0, 2])):
         spec = TokenSpec(layers=layers, kinds="cls+ap", patches=layers == "all", pad=pad, final=final)
         want = reference(cls, ap, patches, rows, idx, ["cls", "ap"], with_patches=layers == "all", pad=pad,
                          projection=(w, b) if final == "output" else None)
@@ -224,7 +225,16 @@ def test_module_taps_read_their_own_arrays(store):
     kind = fs.module_taps[0]
     tap = fs.select_tap(kind)
     assert tap.layer_names == [f"block{i}.{kind}" for i in range(g[f"modules/{kind}/cls"].shape[1])]
-    assert fs.select_tap("main") is fs and fs.select_tap(None) is fs
+    assert fs.select_tap("main") is fs and fs.select_tap(None) is fs and fs.select_tap("") is fs
+    n_blocks, width = g[f"modules/{kind}/cls"].shape[1:]
+    assert (tap.meta["num_layers"], tap.meta["width"], tap.num_layers) == (n_blocks, width, n_blocks)
+    other = FeatureSet.open(store)
+    other.meta = {**other.meta, "num_layers": -1, "width": -1}  # the tap's facts are its own, not the store's
+    assert (other.select_tap(kind).meta["num_layers"], other.select_tap(kind).meta["width"]) == (n_blocks, width)
+    assert tap.meta["taps"] == {**fs.meta["taps"], "modules": fs.meta["taps"]["module_taps"][kind],
+                                "layer_names": tap.layer_names, "selected_tap": kind}
+    assert fs.meta["taps"].get("selected_tap") is None  # the store's own view is left alone
+    assert tap.path == fs.path and tap.select_tap(kind).layer_names == tap.layer_names  # read from the same store
     for kinds, arrays in (("cls+ap", ("cls", "ap")), ("mean", ("mean",))):
         spec = TokenSpec(kinds=kinds, normalise="none")
         want = np.stack([g[f"modules/{kind}/{a}"][...][ROWS, layer] for layer in range(len(tap.layer_names))
@@ -239,6 +249,9 @@ def test_module_taps_read_their_own_arrays(store):
     with pytest.raises(ProbeError) as e:
         fs.select_tap("no-such-tap")
     assert str(e.value).startswith("unknown tap 'no-such-tap'") and kind in str(e.value)
+    with pytest.raises(ProbeError) as e:
+        FeatureSet.from_arrays(cls=np.zeros((2, 1, 3)), labels=[0, 1]).select_tap(kind)
+    assert str(e.value) == f"unknown tap '{kind}' (known: (store has no module taps; extract with --taps modules))"
     arrays = FeatureSet.from_arrays(cls=np.zeros((2, 1, 3)), labels=[0, 1], meta={"taps": {"module_taps": {kind: []}}})
     with pytest.raises(ProbeError) as e:
         arrays.select_tap(kind)
