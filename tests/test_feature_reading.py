@@ -179,6 +179,7 @@ def test_non_finite_tokens_are_refused_by_row(normalise):
     cls, ap, patches = (rng.normal(size=s).astype(np.float32) for s in ((20, 2, 4), (20, 2, 4), (20, 3, 4)))
     cls[11, 1, 2] = np.inf
     ap[4, 0, 0] = -np.inf
+    ap[4, 1, 3] = np.nan  # a second channel and token of the same row: the row is named once
     patches[16, 2, 3] = np.nan
     cls[1, 0, 1] = np.nan  # never asked below
     ap[18, 1, 1] = np.nan  # a fourth row asked first: only the first three in row order are named
