@@ -199,7 +199,7 @@ class FeatureSet:
         order. `out`: a float32 buffer with at least len(rows) rows to fill instead of a new array (a streaming
         reader reuses its buffers: first touches of fresh memory cost more than the decoding on some machines).
         """
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.asarray(rows)  # integer indices as given (an empty list is float64: returned before any read)
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
         if spec.kinds == "mean" and self.mean is None:
@@ -213,6 +213,8 @@ class FeatureSet:
         elif out.dtype != np.float32 or out.shape[1:] != shape[1:] or len(out) < len(srt) or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous float32 array of at least {shape}, not {out.dtype} {out.shape}")
         out = out[:len(srt)]
+        if not len(srt):
+            return out  # no rows: nothing to read (torch cannot infer a view's width from 0 elements)
         self._fill(out, srt, spec, layout.padded)
         self._normalise(out, srt, spec.normalise)
         if np.array_equal(order, np.arange(len(order))):

@@ -115,6 +115,7 @@ def test_projected_last_layer_and_padding(pad, E, final):
                          projection=(w, b) if final == "output" else None)
         got = fs.tokens(rows, spec)
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=f"{layers} {pad} E={E} {final}")
+        assert fs.tokens([], spec).shape == (0, *want.shape[1:])  # no rows (an empty list is float64 to numpy)
         layout = fs.layout(spec)
         assert (layout.width, layout.num_tokens) == want.shape[1:][::-1]
         real = [E if (final == "output" and (i == L - 1)) else D for i in idx for _ in "ka"]
@@ -434,3 +435,15 @@ def test_reads_on_opening_name_the_array_that_fails(store, tmp_path):
         with pytest.raises(StoreError) as e:
             FeatureSet.open(s, in_memory=True)
         assert str(e.value).startswith(f"store '{s}' is damaged: '{name}' cannot be read ({kind}: ")
+
+
+def test_a_feature_set_says_what_it_holds(store):
+    """repr: dataset / model, split, rows x layers x width, classes, patch tokens and the store, or what an
+    array-built set lacks."""
+    fs = FeatureSet.open(store)
+    m = fs.meta
+    assert repr(fs) == (f"FeatureSet({m['dataset']['name']} / {m['model']['name']} {m['split']}: {len(fs)} rows x "
+                        f"{fs.num_layers} layers x {fs.width}, {len(fs.class_names)} classes, {fs.num_patches} patch "
+                        f"tokens, store '{store}')")
+    bare = FeatureSet.from_arrays(cls=np.zeros((3, 2, 4)), labels=[0, 1, -1])
+    assert repr(bare) == "FeatureSet(arrays / -: 2 rows x 2 layers x 4, 2 classes)"
