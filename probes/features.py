@@ -199,7 +199,9 @@ class FeatureSet:
         order. `out`: a float32 buffer with at least len(rows) rows to fill instead of a new array (a streaming
         reader reuses its buffers: first touches of fresh memory cost more than the decoding on some machines).
         """
-        rows = np.asarray(rows)  # integer indices as given (an empty list is float64: returned before any read)
+        rows = np.asarray(rows)
+        if len(rows) and rows.dtype.kind not in "iu":  # (an empty list is float64 to numpy: no rows is fine)
+            raise ValueError(f"rows must be integer indices, not {rows.dtype}")
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
         if spec.kinds == "mean" and self.mean is None:

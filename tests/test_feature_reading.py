@@ -116,6 +116,9 @@ def test_projected_last_layer_and_padding(pad, E, final):
         got = fs.tokens(rows, spec)
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=f"{layers} {pad} E={E} {final}")
         assert fs.tokens([], spec).shape == (0, *want.shape[1:])  # no rows (an empty list is float64 to numpy)
+        with pytest.raises(ValueError) as e:
+            fs.tokens(rows.astype(float), spec)
+        assert str(e.value) == "rows must be integer indices, not float64"
         layout = fs.layout(spec)
         assert (layout.width, layout.num_tokens) == want.shape[1:][::-1]
         real = [E if (final == "output" and (i == L - 1)) else D for i in idx for _ in "ka"]
