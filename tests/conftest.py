@@ -76,6 +76,20 @@ def decode_error(store: Path, name: str, rows) -> str:
     raise AssertionError(f"'{name}' decoded although damaged")
 
 
+def add_projection(store: Path, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Give a local Zarr store the model's output projection (as CLIP's visual.proj) the way the extractor
+    records it: `projection/weight` and `projection/bias` arrays and their checksums in the metadata."""
+    import zarr
+
+    from alfcache.format import array_checksum
+
+    g = zarr.open_group(str(store), mode="r+")
+    arrays = {"projection/weight": weight, "projection/bias": bias}
+    for name, a in arrays.items():
+        g.create_array(name, shape=a.shape, dtype=a.dtype)[...] = a  # (`data=` is newer than the floor's zarr)
+    g.attrs.put({**g.attrs, "projection": {"checksums": {n: array_checksum(a) for n, a in arrays.items()}}})
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A small timm ViT with random weights, saved in timm's own folder layout (offline stand-in)."""

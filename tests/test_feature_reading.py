@@ -14,7 +14,7 @@ from probes import FeatureSet
 from probes.errors import ProbeError
 from probes.selection import TokenSpec
 
-from conftest import decode_error, fixture_dir
+from conftest import add_projection, decode_error, fixture_dir
 
 CHUNK = 64  # rows per chunk of the store: digits' 450 test images make 8 chunks
 
@@ -373,7 +373,7 @@ def test_open_an_incomplete_store_its_labels_and_its_projection(store, tmp_path)
 
     import zarr
 
-    from alfcache.format import array_checksum, read_metadata
+    from alfcache.format import read_metadata
 
     def copy(name):
         dst = tmp_path / name / "test.zarr"
@@ -399,13 +399,10 @@ def test_open_an_incomplete_store_its_labels_and_its_projection(store, tmp_path)
         FeatureSet.open(bad)
     assert str(e.value) == f"store '{bad}' is damaged: its labels cannot be read ({kind}); re-extract it with --overwrite"
 
-    proj, g = copy("proj")
+    proj, _ = copy("proj")
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=(3, 32)).astype(np.float32), rng.normal(size=3).astype(np.float32)
-    for name, a in (("projection/weight", w), ("projection/bias", b)):
-        g.create_array(name, shape=a.shape, dtype=a.dtype)[...] = a
-    g.attrs.put({**g.attrs, "projection": {"checksums": {"projection/weight": array_checksum(w),
-                                                         "projection/bias": array_checksum(b)}}})
+    add_projection(proj, w, b)
     got = FeatureSet.open(proj).projection
     assert np.array_equal(got[0], w) and np.array_equal(got[1], b)
     assert FeatureSet.open(store).projection is None
@@ -416,22 +413,13 @@ def test_reads_on_opening_name_the_array_that_fails(store, tmp_path):
     that array in that store."""
     import shutil
 
-    import zarr
-
-    from alfcache.format import array_checksum
-
     whole = FeatureSet.open(store, in_memory=True)
     assert all(isinstance(a, np.ndarray) for a in (whole.cls, whole.ap, whole.patches))
     for name in ("cls", "ap", "patches", "projection/weight"):
         s = tmp_path / name.replace("/", "-") / "test.zarr"
         shutil.copytree(store, s)
         if name.startswith("projection"):
-            g = zarr.open_group(str(s), mode="r+")
-            w, b = np.ones((3, 32), np.float32), np.ones(3, np.float32)
-            g.create_array("projection/weight", shape=w.shape, dtype=w.dtype)[...] = w
-            g.create_array("projection/bias", shape=b.shape, dtype=b.dtype)[...] = b
-            g.attrs.put({**g.attrs, "projection": {"checksums": {"projection/weight": array_checksum(w),
-                                                                 "projection/bias": array_checksum(b)}}})
+            add_projection(s, np.ones((3, 32), np.float32), np.ones(3, np.float32))
         chunk = next(p for p in sorted((s / name / "c").rglob("*")) if p.is_file())
         chunk.write_bytes(chunk.read_bytes()[:7])
         kind = decode_error(s, name, Ellipsis)

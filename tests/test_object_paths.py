@@ -14,6 +14,8 @@ import pytest
 
 from alfcache import format as F
 
+from conftest import add_projection
+
 botocore = pytest.importorskip("botocore")
 pytest.importorskip("upath")
 
@@ -553,18 +555,11 @@ def test_every_read_of_a_store_says_when_access_fails(bucket, monkeypatch, digit
     is refused: the store's metadata (read_metadata), the group opened with metadata already read
     (open_arrays), an array's metadata and the listing of its chunks (check_intact), the projection's chunks
     (verify_store)."""
-    import zarr
-
     name, fs = bucket
     local = tmp_path / "test.zarr"
     shutil.copytree(digits_stores["test"], local)
     rng = np.random.default_rng(0)
-    proj = {"projection/weight": rng.normal(size=(3, 32)).astype(np.float32),
-            "projection/bias": rng.normal(size=3).astype(np.float32)}
-    g = zarr.open_group(str(local), mode="r+")
-    for n, a in proj.items():
-        g.create_array(n, shape=a.shape, dtype=a.dtype)[...] = a
-    g.attrs.put({**g.attrs, "projection": {"checksums": {n: F.array_checksum(a) for n, a in proj.items()}}})
+    add_projection(local, rng.normal(size=(3, 32)).astype(np.float32), rng.normal(size=3).astype(np.float32))
     fs.put(str(local), f"/{name}/a/test.zarr", recursive=True)
     url = f"memory://{name}/a/test.zarr"
     meta = F.read_metadata(url)

@@ -18,7 +18,7 @@ import pytest
 from alfcache import format as F
 from alfcache.format import StoreError
 
-from conftest import decode_error, fixture_dir
+from conftest import add_projection, decode_error, fixture_dir
 
 
 # ------------------------------------------------------------------------------------------ places
@@ -555,12 +555,10 @@ def test_verify_store_checks_the_projection(store):
     import zarr
 
     rng = np.random.default_rng(0)
-    g = zarr.open_group(str(store), mode="r+")
     arrays = {"projection/weight": rng.normal(size=(3, 32)).astype(np.float32),
               "projection/bias": rng.normal(size=3).astype(np.float32)}
-    for name, a in arrays.items():
-        g.create_array(name, shape=a.shape, dtype=a.dtype)[...] = a  # (`data=` is newer than the floor's zarr)
-    set_meta(store, projection={"checksums": {n: F.array_checksum(a) for n, a in arrays.items()}})
+    add_projection(store, *arrays.values())
+    g = zarr.open_group(str(store), mode="r+")
     assert F.verify_store(store) == 4
     g["projection/bias"][1] = 0.5
     with pytest.raises(StoreError) as e:
